@@ -1,0 +1,277 @@
+"""Natural gradients for conjugate exponential families, and the unconstrained maps they use.
+
+For a family with log-normaliser ``A`` and mean parameters ``mu(eta) = grad A(eta)`` the
+Fisher matrix is ``F = hess A``.  A loss that sees ``eta`` only through ``mu`` has the
+natural gradient ``F^-1 grad_eta L = grad_mu L``; the straight-through map
+:func:`straight_through` delivers exactly that as the cotangent of ``eta``.  The prior KL
+written as ``<eta - eta0, ST(mu)(eta)> - A(eta) + A(eta0)`` (:func:`prior_kl_natgrad_form`)
+has cotangent ``eta - eta0``, its natural gradient.
+
+Optimisers step unconstrained parameters ``u`` with ``eta = T(u)``.  :func:`natgrad_map`
+builds a ``custom_vjp`` of ``T`` whose backward pass maps the natural gradient on ``eta`` to
+``u`` by the Jacobian of the inverse map, ``(d u / d eta) g`` = ``G_u^-1 grad_u L`` with
+``G_u = J' F J`` the Fisher metric pulled back to ``u`` (svae_math.md section 5.3).
+
+References
+----------
+Bendekgey, Hope & Sudderth (2023), "Unbiased learning of deep generative models with
+structured discrete representations", NeurIPS.  svae_math.md sections 5.1-5.4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro_svae._linalg import psd_cholesky, symmetrize
+
+Array = jax.Array
+PyTree = Any
+
+__all__ = [
+    "straight_through",
+    "prior_kl_natgrad_form",
+    "natgrad_map",
+    "tree_vdot",
+    "softplus_inverse",
+    "pd_from_unconstrained",
+    "pd_to_unconstrained",
+]
+
+
+# ----------------------------------------------------------------------------------------
+# straight-through and the prior KL
+# ----------------------------------------------------------------------------------------
+
+
+def straight_through(f: Callable[[PyTree], PyTree], eta: PyTree) -> PyTree:
+    """Value ``f(eta)`` with identity Jacobian with respect to ``eta``.
+
+    ``ST(f)(eta) = (eta - sg(eta)) + sg(f(eta))``, leaf by leaf.  ``f(eta)`` must have the same
+    leaves (count, order and shapes) as ``eta``; the result has ``f``'s pytree type (e.g. an
+    ``NIWStats`` built from an ``NIWNatural``).
+
+    Parameters
+    ----------
+    f : callable
+        Map from natural parameters to mean parameters (``*_expected_stats``).
+    eta : pytree
+        Natural parameters (a NamedTuple of arrays).
+
+    Returns
+    -------
+    pytree
+        ``f(eta)`` as value; backpropagation passes cotangents to ``eta`` unchanged.
+
+    Warnings
+    --------
+    The cotangent of ``eta`` is the natural gradient only if every path from ``eta`` to the
+    loss goes through this map (or :func:`prior_kl_natgrad_form`).
+    """
+    mu = f(jax.lax.stop_gradient(eta))
+    eta_leaves = jax.tree.leaves(eta)
+    mu_leaves, mu_def = jax.tree.flatten(mu)
+    if len(eta_leaves) != len(mu_leaves):
+        raise ValueError(
+            f"`f` must return as many leaves as `eta` has; got {len(mu_leaves)} and "
+            f"{len(eta_leaves)}."
+        )
+    out = []
+    for e, m in zip(eta_leaves, mu_leaves, strict=True):
+        if jnp.shape(e) != jnp.shape(m):
+            raise ValueError(
+                f"`f(eta)` leaf has shape {jnp.shape(m)} but the `eta` leaf has {jnp.shape(e)}."
+            )
+        out.append(e - jax.lax.stop_gradient(e) + jax.lax.stop_gradient(m))
+    return jax.tree.unflatten(mu_def, out)
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> Array:
+    """Sum over all leaves of ``sum(a_leaf * b_leaf)`` (leaves paired in order).  Returns []."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    if len(la) != len(lb):
+        raise ValueError(f"pytrees have {len(la)} and {len(lb)} leaves; they must match.")
+    return sum(jnp.sum(x * y) for x, y in zip(la, lb, strict=True))
+
+
+def prior_kl_natgrad_form(
+    eta: PyTree,
+    eta0: PyTree,
+    expected_stats: Callable[[PyTree], PyTree],
+    log_normalizer: Callable[[PyTree], Array],
+) -> Array:
+    """KL(q || p) written so that its gradient in ``eta`` is exactly ``eta - eta0``.
+
+    ``KL = <eta - eta0, ST(mu)(eta)> - A(eta) + A(eta0)``: the value is the KL divergence
+    between two members of the family; the gradient is ``mu + (eta - eta0) - mu``.
+
+    Parameters
+    ----------
+    eta, eta0 : pytree
+        Natural parameters of ``q`` and of the prior ``p`` (same NamedTuple type, possibly
+        with a leading batch axis, e.g. ``[K, ...]`` for the MNIW of every regime).
+    expected_stats : callable
+        ``eta -> E[t]`` of the family (``niw_expected_stats`` ...).
+    log_normalizer : callable
+        ``eta -> A(eta)`` (any batch axes are summed).
+
+    Returns
+    -------
+    Array
+        ``[]`` the KL summed over any batch axes.
+    """
+    mu = straight_through(expected_stats, eta)
+    diff = jax.tree.map(lambda a, b: a - b, eta, eta0)
+    return (
+        tree_vdot(diff, mu)
+        - jnp.sum(log_normalizer(eta))
+        + jnp.sum(log_normalizer(eta0))
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# natural-gradient custom VJP of u -> eta
+# ----------------------------------------------------------------------------------------
+
+
+def natgrad_map(
+    forward: Callable[[PyTree], PyTree],
+    inverse: Callable[[PyTree], PyTree],
+    symmetric: PyTree,
+) -> Callable[[PyTree], PyTree]:
+    """Wrap ``forward: u -> eta`` in a custom VJP that returns natural gradients in ``u``.
+
+    The forward pass is ``forward(u)``; the backward pass symmetrises the cotangent of every
+    leaf flagged in ``symmetric`` (matrix natural parameters), then returns
+    ``jvp(inverse, eta)[g]``, i.e. ``(d u / d eta) g``.  When ``g`` is the straight-through
+    cotangent (the natural gradient in ``eta``), the result is the Riemannian natural
+    gradient in ``u``: ``G_u^-1 grad_u L`` with ``G_u = J' F J``.
+
+    Parameters
+    ----------
+    forward : callable
+        ``u -> eta`` (closing over static options only, no tracers).
+    inverse : callable
+        ``eta -> u``, the inverse of ``forward`` on the family's domain.
+    symmetric : pytree of bool
+        Same structure as ``eta``; ``True`` on leaves holding symmetric ``[..., D, D]`` matrices.
+
+    Returns
+    -------
+    callable
+        ``u -> eta`` with the natural-gradient VJP.
+    """
+
+    @jax.custom_vjp
+    def mapped(u):
+        return forward(u)
+
+    def fwd(u):
+        eta = forward(u)
+        return eta, eta
+
+    def bwd(eta, g):
+        g = jax.tree.map(lambda gi, s: symmetrize(gi) if s else gi, g, symmetric)
+        _, du = jax.jvp(inverse, (eta,), (g,))
+        return (du,)
+
+    mapped.defvjp(fwd, bwd)
+    return mapped
+
+
+# ----------------------------------------------------------------------------------------
+# bijections shared by the families
+# ----------------------------------------------------------------------------------------
+
+
+def softplus_inverse(y: Array) -> Array:
+    """Inverse of ``softplus`` for ``y > 0``: ``y + log(-expm1(-y))``.  Broadcasts."""
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def pd_from_unconstrained(raw: Array, jitter: float = 0.0) -> Array:
+    """PD matrix ``L L' + jitter I`` from the lower triangle of ``raw``.
+
+    ``L = tril(raw, -1) + diag(softplus(diag raw))``; the strict upper triangle of ``raw`` is
+    ignored (dead coordinates that receive zero gradient).
+
+    Parameters
+    ----------
+    raw : Array
+        ``[..., D, D]`` unconstrained matrix.
+    jitter : float
+        Ridge added to the diagonal (keeps the matrix away from singular).
+
+    Returns
+    -------
+    Array
+        ``[..., D, D]`` symmetric positive-definite matrix.
+    """
+    D = raw.shape[-1]
+    diag = jax.nn.softplus(jnp.diagonal(raw, axis1=-2, axis2=-1))
+    L = jnp.tril(raw, -1) + diag[..., None] * jnp.eye(D, dtype=raw.dtype)
+    eye = jnp.eye(D, dtype=raw.dtype)
+    return L @ jnp.swapaxes(L, -1, -2) + jitter * eye
+
+
+def pd_to_unconstrained(P: Array, jitter: float = 0.0) -> Array:
+    """Inverse of :func:`pd_from_unconstrained`: ``[..., D, D]`` PD -> lower-triangular raw.
+
+    The strict upper triangle of the result is zero.  Requires ``P - jitter I`` to be PD.
+    """
+    D = P.shape[-1]
+    eye = jnp.eye(D, dtype=P.dtype)
+    L = psd_cholesky(P - jitter * eye)
+    diag = softplus_inverse(jnp.diagonal(L, axis1=-2, axis2=-1))
+    return jnp.tril(L, -1) + diag[..., None] * eye
+
+
+# ----------------------------------------------------------------------------------------
+# validation helpers (run only on concrete arrays)
+# ----------------------------------------------------------------------------------------
+
+
+def _concrete(x) -> np.ndarray | None:
+    """``x`` as a NumPy array, or ``None`` when it is a tracer (checks are skipped then)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def _check_square(name: str, x, D: int | None = None) -> None:
+    shape = jnp.shape(x)
+    if len(shape) < 2 or shape[-1] != shape[-2] or (D is not None and shape[-1] != D):
+        want = f"[..., {D}, {D}]" if D is not None else "[..., D, D]"
+        raise ValueError(f"`{name}` must have shape {want}; got {list(shape)}.")
+
+
+def _check_pd(name: str, x) -> None:
+    """Raise if a concrete ``x`` is not symmetric positive definite."""
+    a = _concrete(x)
+    if a is None:
+        return
+    a = a.astype(np.float64)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"`{name}` must be finite; got non-finite entries.")
+    sym_err = np.max(np.abs(a - np.swapaxes(a, -1, -2)), initial=0.0)
+    scale = np.max(np.abs(a), initial=0.0)
+    if sym_err > 1e-5 * max(scale, 1.0):
+        raise ValueError(f"`{name}` must be symmetric; max |A - A'| = {sym_err:.3g}.")
+    eig = np.linalg.eigvalsh(0.5 * (a + np.swapaxes(a, -1, -2)))
+    if not np.all(eig > 0):
+        raise ValueError(
+            f"`{name}` must be positive definite; smallest eigenvalue {eig.min():.3g}."
+        )
+
+
+def _check_positive(name: str, x, lower: float = 0.0) -> None:
+    """Raise if a concrete ``x`` has an entry ``<= lower``."""
+    a = _concrete(x)
+    if a is None:
+        return
+    if not np.all(np.isfinite(a)) or not np.all(a > lower):
+        raise ValueError(f"`{name}` must be finite and > {lower:g}; got {a}.")

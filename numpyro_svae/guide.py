@@ -1,0 +1,814 @@
+"""`SVAEGuide`: a NumPyro guide for conjugate SLDS / LDS priors with a neural encoder.
+
+The guide owns
+
+- ``q(theta)``: one natural-parameter block per conjugate global of the model (NIW for the
+  initial state, MNIW for the dynamics, Dirichlets for the initial regime and the transition
+  rows), stored as unconstrained ``numpyro.param`` sites named ``f"{prefix}{block}"`` whose
+  gradients are natural gradients (svae_math.md section 5);
+- the encoder network (``f"{encoder_name}$params"``), mapping each sequence to Gaussian node
+  potentials;
+- the structured mean field ``q(z) q(k)`` computed by `meanfield.mf_fixed_point`.
+
+Its sample sites mirror the model's latent sites (globals from ``q(theta)``; the regime chain
+and the continuous chain from ``q(k)`` and ``q(z)``), so it is an ordinary NumPyro guide:
+``Predictive(model, guide=guide)`` and ``Trace_ELBO`` work with it.  ``SVAE_ELBO`` uses the
+same computation (:meth:`SVAEGuide._infer`) but evaluates the local and global KL terms in
+closed form.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import numpyro.primitives
+from numpyro import handlers
+from numpyro.contrib.module import eqx_module
+from numpyro.distributions.util import is_identically_one
+
+from numpyro_svae._linalg import psd_cholesky
+from numpyro_svae.expfam.convert import dirichlet_to_numpyro, mniw_to_numpyro, niw_to_numpyro
+from numpyro_svae.expfam.dirichlet import (
+    DirichletNatural,
+    DirichletStandard,
+    dirichlet_expected_stats,
+    dirichlet_from_unconstrained,
+    dirichlet_log_normalizer,
+    dirichlet_to_natural,
+    dirichlet_to_standard,
+    dirichlet_to_unconstrained,
+)
+from numpyro_svae.expfam.mniw import (
+    MNIWStandard,
+    mniw_expected_stats,
+    mniw_from_unconstrained,
+    mniw_log_normalizer,
+    mniw_to_natural,
+    mniw_to_standard,
+    mniw_to_unconstrained,
+)
+from numpyro_svae.expfam.natgrad import prior_kl_natgrad_form, straight_through
+from numpyro_svae.expfam.niw import (
+    NIWStandard,
+    niw_expected_stats,
+    niw_from_unconstrained,
+    niw_log_normalizer,
+    niw_to_natural,
+    niw_to_standard,
+    niw_to_unconstrained,
+)
+from numpyro_svae.meanfield.fixed_point import FixedPointInfo, FixedPointOptions
+from numpyro_svae.meanfield.kl import mf_sample
+from numpyro_svae.meanfield.potentials import (
+    lds_expected_potentials,
+    lds_to_hmm_log_potentials,
+    slds_expected_potentials,
+)
+from numpyro_svae.meanfield.slds import MFResult, mf_fixed_point
+from numpyro_svae.messages.hmm import HMMPotentials, hmm_log_normalizer, hmm_sample
+from numpyro_svae.messages.lds import LDSPotentials
+from numpyro_svae.optim import QTHETA_PREFIX
+
+Array = jax.Array
+
+__all__ = ["SVAEGuide", "SVAEPosterior", "DIAGNOSTICS_SITE"]
+
+DIAGNOSTICS_SITE = "svae$diagnostics"
+"""Name of the ``numpyro.mutable`` site holding the inner-solver diagnostics of the last step."""
+
+
+class SVAEPosterior(NamedTuple):
+    """Variational posterior of a batch of sequences (see :meth:`SVAEGuide.posterior`)."""
+
+    regime_marginals: Array  # [N, Tk, K]  q(k_t); Tk = T (leading regime) or T - 1
+    trans_counts: Array  # [N, K, K]        sum_t q(k_t = i, k_{t+1} = j)
+    latent_mean: Array  # [N, T, D]         E_q[z_t]
+    latent_cov: Array  # [N, T, D, D]       Cov_q[z_t]
+    local_kl: Array  # [N]                  KL(q(z) q(k) || p(z, k | E theta))
+    qtheta: dict  # block -> NIWStandard / MNIWStandard ([K, ...]) / DirichletStandard
+    global_kl: Array  # []                  KL(q(theta) || p(theta))
+    mask: Array  # [N, T]                   steps with at least one observed entry
+    diagnostics: FixedPointInfo  # per-sequence [N] fields of the inner solver
+
+
+class _Observed(NamedTuple):
+    x: Array  # [B, T, Dx]  data, N-first layout, missing entries zeroed
+    entry_mask: Array  # [B, T, Dx] or [B, T] bool, what the encoder sees
+    step_mask: Array  # [B, T] bool
+    scale: Any  # N / B (python float or [] array)
+    plate_idx: Any  # [B] subsample indices or None
+    n_axis: int  # axis of the sequences in the observed value
+    t_axis: int  # axis of time in the observed value
+
+
+class _Inference(NamedTuple):
+    obs: _Observed
+    eta: dict  # block -> natural parameters of q(theta)
+    global_kl: Array  # []
+    globals: Any  # SLDSGlobalPotentials
+    R: Array  # [B, T, D]
+    r: Array  # [B, T, D]
+    mf: MFResult  # batched over B
+    info: FixedPointInfo  # batched over B
+
+
+# ------------------------------------------------------------------------------------------
+# small NumPyro helpers
+# ------------------------------------------------------------------------------------------
+
+
+class _ChainDist(dist.Distribution):
+    """A whole chain as one scan site: draws the value the guide computed, scores it exactly.
+
+    Value ``[T', B, *event]`` (time first, as NumPyro stacks scan sites); batch shape
+    ``[T', B]`` so that it matches the model's scan site.  ``log_prob(value)`` puts the joint
+    log density of each sequence's chain under ``q`` (the first element, sampled at another
+    site, held fixed) at time index 0 and zeros elsewhere.
+    """
+
+    def __init__(self, value, seq_log_prob_fn, *, event_dim: int, discrete: bool):
+        self._value = value
+        self._fn = seq_log_prob_fn
+        self._discrete = discrete
+        shape = jnp.shape(value)
+        super().__init__(batch_shape=shape[: len(shape) - event_dim],
+                         event_shape=shape[len(shape) - event_dim:])
+
+    @property
+    def has_rsample(self):
+        return not self._discrete
+
+    @property
+    def support(self):
+        c = dist.constraints
+        base = c.nonnegative_integer if self._discrete else c.real
+        return c.independent(base, len(self.event_shape)) if self.event_shape else base
+
+    def sample(self, key, sample_shape=()):
+        return jnp.broadcast_to(self._value, sample_shape + self.batch_shape + self.event_shape)
+
+    def rsample(self, key, sample_shape=()):
+        return self.sample(key, sample_shape)
+
+    def log_prob(self, value):
+        per_seq = self._fn(value)  # [B]
+        out = jnp.zeros(self.batch_shape, per_seq.dtype)
+        return out.at[0].set(per_seq)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _is_concrete(x) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def _unwrap_masks(fn, value_shape):
+    """Innermost distribution of a site and its combined mask (None = all observed).
+
+    Walks ``Independent`` / ``MaskedDistribution`` / ``ExpandedDistribution`` wrappers; the
+    returned mask is broadcast to the innermost distribution's elementwise log-prob shape.
+    """
+    masks = []
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            if not is_identically_one(fn._mask):
+                masks.append((fn._mask, fn.batch_shape))
+            fn = fn.base_dist
+        elif isinstance(fn, dist.Independent | dist.ExpandedDistribution):
+            fn = fn.base_dist
+        else:
+            break
+    lp_shape = tuple(value_shape[: len(value_shape) - fn.event_dim])
+    mask = None
+    for m, bshape in masks:
+        m = jnp.broadcast_to(jnp.asarray(m, bool), bshape)
+        m = m.reshape(m.shape + (1,) * (len(lp_shape) - m.ndim))
+        mask = m if mask is None else mask & m
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, lp_shape)
+    return fn, mask, lp_shape
+
+
+# ------------------------------------------------------------------------------------------
+# the guide
+# ------------------------------------------------------------------------------------------
+
+
+class SVAEGuide:
+    """Structured variational guide for a conjugate SLDS / LDS NumPyro model.
+
+    Parameters
+    ----------
+    model : callable
+        The NumPyro model (see ARCHITECTURE.md section 3); it is traced once, lazily, on the
+        first call (:attr:`structure`).
+    encoder : eqx.Module or callable
+        Maps one sequence ``x [T, Dx]`` and its mask (``[T, Dx]`` or ``[T]``) to node
+        potentials ``(R [T, D] > 0, r [T, D])``, e.g. `nn.GaussianPotentialEncoder`.  An
+        equinox module is registered with :func:`numpyro.contrib.module.eqx_module`; a plain
+        callable ``encoder(params, x, mask)`` needs `encoder_params`.
+    encoder_params : pytree, optional
+        Initial parameters of a plain-callable encoder.
+    encoder_name : str
+        Parameter site prefix of the encoder (``f"{encoder_name}$params"``).
+    prefix : str
+        Common prefix of the q(theta) parameter sites (give the same to `natural_gradient`).
+    init_S, init_nu, init_lam, init_loc_sd, init_kappa, init_alpha_ii, init_alpha_ij : float
+        Initial q(theta) (svae_math.md section 1.3): Wishart scales ``D * init_S * I``, dof
+        ``D + init_nu``, NIW ``lam = init_lam`` and MNIW ``V = init_lam I``, MNIW mean
+        ``0.9 I`` plus ``N(0, init_loc_sd^2)`` off-diagonal and bias entries (random per
+        regime, so regimes start apart), Dirichlet ``alpha = init_kappa + 0.01`` (initial
+        regime) and ``init_alpha_ii + 0.01`` / ``init_alpha_ij + 0.01`` (transition rows).
+    max_iters, rtol, solver : optional
+        Shortcuts overriding the fields of `options`.
+    options : FixedPointOptions, optional
+        Mean-field forward / adjoint options (`meanfield.fixed_point.FixedPointOptions`).
+    init_concentration : float
+        Dirichlet concentration of the random initial q(k) of the mean field.
+
+    Attributes
+    ----------
+    structure : ConjugateStructure
+        What was found in the model (available after the first call).
+
+    Examples
+    --------
+    >>> guide = SVAEGuide(model, encoder=GaussianPotentialEncoder(obs_dim=10, latent_dim=2,
+    ...                   key=jax.random.key(0)))  # doctest: +SKIP
+    >>> svi = SVI(model, guide, natural_gradient(natgrad_lr=0.1),
+    ...           loss=SVAE_ELBO())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model,
+        encoder,
+        *,
+        encoder_params: Any = None,
+        encoder_name: str = "encoder",
+        prefix: str = QTHETA_PREFIX,
+        init_S: float = 1.0,
+        init_nu: float = 2.0,
+        init_lam: float = 20.0,
+        init_loc_sd: float = 0.2,
+        init_kappa: float = 1.0,
+        init_alpha_ii: float = 1.0,
+        init_alpha_ij: float = 0.9,
+        max_iters: int | None = None,
+        rtol: float | None = None,
+        solver: str | None = None,
+        options: FixedPointOptions | None = None,
+        init_concentration: float = 0.1,
+    ):
+        if not callable(model):
+            raise TypeError(f"`model` must be a callable NumPyro model; got {type(model)}")
+        if not callable(encoder):
+            raise TypeError(f"`encoder` must be callable; got {type(encoder).__name__}")
+        if not isinstance(encoder, eqx.Module) and encoder_params is None:
+            raise ValueError(
+                "`encoder_params` is required when `encoder` is a plain callable "
+                "encoder(params, x, mask); got None")
+        self.model = model
+        self.encoder = encoder
+        self.encoder_params = encoder_params
+        self.encoder_name = encoder_name
+        self.prefix = prefix
+        self.init = dict(S=init_S, nu=init_nu, lam=init_lam, loc_sd=init_loc_sd,
+                         kappa=init_kappa, alpha_ii=init_alpha_ii, alpha_ij=init_alpha_ij)
+        options = FixedPointOptions() if options is None else options
+        upd = {k: v for k, v in dict(max_iters=max_iters, rtol=rtol, solver=solver).items()
+               if v is not None}
+        self.options = options._replace(**upd)
+        self.init_concentration = init_concentration
+        self._structure = None
+
+    # -- structure ---------------------------------------------------------------------------
+
+    @property
+    def structure(self):
+        """The `ConjugateStructure` of the model (after the first call)."""
+        if self._structure is None:
+            raise RuntimeError(
+                "SVAEGuide.structure is discovered on the first call; call the guide (or "
+                "SVI.init) with the model's arguments first.")
+        return self._structure
+
+    def _model_kwargs(self, kwargs: dict) -> dict:
+        if "lengths" in kwargs and not _accepts(self.model, "lengths"):
+            kwargs = {k: v for k, v in kwargs.items() if k != "lengths"}
+        return kwargs
+
+    def _setup(self, args, kwargs):
+        if self._structure is None:
+            from numpyro_svae.structure import discover_structure
+
+            with handlers.block():  # hide the discovery trace from the caller's handlers
+                st = discover_structure(self.model, *args, **self._model_kwargs(kwargs))
+            if st.family not in ("slds", "lds"):
+                raise NotImplementedError(
+                    f"SVAEGuide supports SLDS / LDS models; the model is a {st.family!r} "
+                    "(hmm / gmm front support is not implemented yet)")
+            if st.dangling_regime:
+                raise NotImplementedError(
+                    f"SVAEGuide: the regime site {st.k_site!r} drives nothing at the last "
+                    "step (dangling regime); write the model with the leading-regime or "
+                    "one-regime-per-transition form")
+            for name, blk in self._blocks(st).items():
+                if blk.kind != "latent":
+                    raise NotImplementedError(
+                        f"SVAEGuide: global block {name!r} is a {blk.kind!r}; only latent "
+                        "(sampled) conjugate globals are supported by the guide yet")
+            self._structure = st
+        return self._structure
+
+    @staticmethod
+    def _blocks(st) -> dict:
+        out = {}
+        for name in ("init_state", "dynamics", "pi0", "P"):
+            blk = getattr(st, name)
+            if blk is not None:
+                out[name] = blk
+        return out
+
+    # -- q(theta) ------------------------------------------------------------------------------
+
+    def _prior_natural(self, name, blk):
+        f = jnp.asarray(0.0).dtype  # float64 under jax.enable_x64
+        if name == "init_state":
+            return niw_to_natural(NIWStandard(jnp.asarray(blk.S, f), jnp.asarray(blk.m, f),
+                                              jnp.asarray(blk.lam, f), jnp.asarray(blk.nu, f)))
+        if name == "dynamics":
+            return mniw_to_natural(MNIWStandard(jnp.asarray(blk.S, f), jnp.asarray(blk.M, f),
+                                                jnp.asarray(blk.V, f), jnp.asarray(blk.nu, f)))
+        return dirichlet_to_natural(DirichletStandard(jnp.asarray(blk.alpha, f)))
+
+    def _init_unconstrained(self, name, st, key):
+        f = jnp.asarray(0.0).dtype  # float64 under jax.enable_x64
+        c = self.init
+        D, K = st.D, st.K
+        eye = jnp.eye(D, dtype=f)
+        if name == "init_state":
+            std = NIWStandard(D * c["S"] * eye, jnp.zeros((D,), f), jnp.asarray(c["lam"], f),
+                              jnp.asarray(D + c["nu"], f))
+            return niw_to_unconstrained(niw_to_natural(std))
+        if name == "dynamics":
+            Din = D + 1 if st.dynamics.bias else D
+            M = c["loc_sd"] * jax.random.normal(key, (K, D, Din), f)
+            M = M.at[:, jnp.arange(D), jnp.arange(D)].set(0.9)
+            std = MNIWStandard(jnp.broadcast_to(D * c["S"] * eye, (K, D, D)), M,
+                               jnp.broadcast_to(c["lam"] * jnp.eye(Din, dtype=f), (K, Din, Din)),
+                               jnp.full((K,), D + c["nu"], f))
+            return mniw_to_unconstrained(mniw_to_natural(std))
+        if name == "pi0":
+            alpha = jnp.full((K,), c["kappa"] + 0.01, f)
+        else:
+            alpha = jnp.where(jnp.eye(K, dtype=bool), c["alpha_ii"] + 0.01, c["alpha_ij"] + 0.01)
+            alpha = alpha.astype(f)
+        return dirichlet_to_unconstrained(dirichlet_to_natural(DirichletStandard(alpha)))
+
+    def _register_block(self, name, st):
+        """One ``numpyro.param`` per field: ``f"{prefix}{block}.{field}"`` (plain arrays, which
+        NumPyro's scan replay and constraint machinery need)."""
+        shapes = jax.eval_shape(lambda k: self._init_unconstrained(name, st, k),
+                                jax.random.key(0))
+        fields = {}
+        for f in shapes._fields:
+            init = lambda k, f=f: getattr(self._init_unconstrained(name, st, k), f)
+            fields[f] = numpyro.param(f"{self.prefix}{name}.{f}", init)
+        return type(shapes)(**fields)
+
+    def _qtheta(self, st):
+        """Register q(theta); return (eta dict, global KL, SLDSGlobalPotentials)."""
+        eta, stats, kl = {}, {}, 0.0
+        fams = {
+            "init_state": (niw_from_unconstrained, niw_expected_stats, niw_log_normalizer),
+            "dynamics": (mniw_from_unconstrained, mniw_expected_stats, mniw_log_normalizer),
+            "pi0": (dirichlet_from_unconstrained, dirichlet_expected_stats,
+                    dirichlet_log_normalizer),
+            "P": (dirichlet_from_unconstrained, dirichlet_expected_stats,
+                  dirichlet_log_normalizer),
+        }
+        for name, blk in self._blocks(st).items():
+            to_eta, es, lognorm = fams[name]
+            u = self._register_block(name, st)
+            e = to_eta(u)
+            eta[name] = e
+            stats[name] = straight_through(es, e)
+            kl = kl + prior_kl_natgrad_form(e, self._prior_natural(name, blk), es, lognorm)
+        if st.family == "lds":
+            g = lds_expected_potentials(stats["init_state"], stats["dynamics"])
+        else:
+            g = slds_expected_potentials(stats["init_state"], stats["dynamics"],
+                                         stats["pi0"].log_pi, stats["P"].log_pi)
+        return eta, jnp.asarray(kl), g
+
+    def qtheta_standard(self, eta: dict) -> dict:
+        """Standard-form parameters of q(theta) from its natural parameters."""
+        conv = {"init_state": niw_to_standard, "dynamics": mniw_to_standard,
+                "pi0": dirichlet_to_standard, "P": dirichlet_to_standard}
+        return {k: conv[k](v) for k, v in eta.items()}
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _data_pass(self, st, args, kwargs, plate_idx):
+        """Run the model (hidden from outer handlers) to read the observed batch and mask."""
+        subs = {}
+        for name, info in st.sites.items():
+            if info.kind == "latent" and info.role in ("k", "k_init"):
+                subs[name] = jnp.zeros(info.shape, jnp.int32)
+            elif info.kind == "latent" and info.role in ("z", "z_init"):
+                subs[name] = jnp.zeros(info.shape)
+        for blk in self._blocks(st).values():
+            for site, val in self._block_values(blk, st):
+                subs[site] = val
+        if plate_idx is not None:
+            subs[st.sequence_plate] = plate_idx
+        lengths = kwargs.get("lengths")
+        if lengths is not None and (jnp.ndim(lengths) != 1 or jnp.shape(lengths)[0] not in
+                                    (st.N, st.subsample_size)):
+            raise ValueError(
+                f"`lengths` must have shape [N] = [{st.N}]; got {list(jnp.shape(lengths))}")
+        with handlers.block():
+            model = handlers.substitute(self.model, data=subs)
+            try:
+                tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(
+                    *args, **self._model_kwargs(kwargs))
+            except (ValueError, TypeError, IndexError) as err:
+                raise ValueError(
+                    f"running the model to read its observed site {st.obs.name!r} failed; "
+                    f"check the shapes of the data, mask and other arguments: {err}") from err
+        return self._observed(st, tr, kwargs)
+
+    @staticmethod
+    def _block_values(blk, st=None):
+        if st is not None:  # reshape to the model's site shapes (e.g. no [K] axis for an LDS)
+            return [(n, jnp.reshape(v, st.sites[n].shape))
+                    for n, v in SVAEGuide._block_values(blk)]
+        a = jnp.asarray
+        if hasattr(blk, "site"):
+            return [(blk.site, a(blk.value))]
+        if hasattr(blk, "matrix_site"):
+            return [(blk.cov_site, a(blk.cov_value)), (blk.matrix_site, a(blk.matrix_value))]
+        return [(blk.cov_site, a(blk.cov_value)), (blk.mean_site, a(blk.mean_value))]
+
+    def _obs_site(self, st, tr):
+        name = st.obs.name
+        site = tr.get(name)
+        if site is None or site["type"] != "sample" or not site["is_observed"]:
+            site = tr.get(name + "_observed", site)
+        if site is None or site["type"] != "sample" or not site["is_observed"]:
+            raise ValueError(
+                f"observed site {name!r} has no data in this call; pass the observations "
+                "(the model's `obs=` argument) to SVI / the guide")
+        return site
+
+    def _layout(self, st, site):
+        value = jnp.shape(site["value"])
+        if len(value) != 3:
+            raise ValueError(
+                f"observed site {site['name']!r} must have a value of shape [N, T, Dx] (or "
+                f"[T, N, Dx]); got {list(value)}")
+        batch_ndim = len(value) - site["fn"].event_dim
+        n_axis = None
+        for frame in site["cond_indep_stack"]:
+            if frame.name == st.sequence_plate:
+                n_axis = batch_ndim + frame.dim
+        if n_axis is None:  # not in the plate: find the batch axis by size
+            n_axis = 0 if value[0] == st.subsample_size else 1
+        if n_axis not in (0, 1):
+            raise ValueError(
+                f"observed site {site['name']!r}: the sequences axis must be one of the two "
+                f"leading axes of its value {list(value)}")
+        t_axis = 1 - n_axis
+        if value[t_axis] != st.T:
+            raise ValueError(
+                f"observed site {site['name']!r} has {value[t_axis]} time steps (shape "
+                f"{list(value)}) but the model's latent chain has T = {st.T}")
+        return n_axis, t_axis
+
+    def _lengths_mask(self, kwargs, B, T, plate_idx, N):
+        lengths = kwargs.get("lengths")
+        if lengths is None:
+            return None
+        lengths = jnp.asarray(lengths)
+        if lengths.ndim != 1 or lengths.shape[0] not in (B, N):
+            raise ValueError(
+                f"`lengths` must have shape [N] = [{N}] (or the batch [{B}]); got "
+                f"{list(lengths.shape)}")
+        if lengths.shape[0] != B and plate_idx is not None:
+            lengths = lengths[plate_idx]
+        if _is_concrete(lengths) and (np.any(np.asarray(lengths) < 1)
+                                      or np.any(np.asarray(lengths) > T)):
+            raise ValueError(f"`lengths` must lie in [1, T = {T}]; got {np.asarray(lengths)}")
+        return jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
+
+    def _site_mask(self, site, st, kwargs, plate_idx):
+        """(innermost dist, mask in value layout over the elementwise log-prob, layout)."""
+        value = site["value"]
+        base, mask, lp_shape = _unwrap_masks(site["fn"], jnp.shape(value))
+        if site.get("mask") is not None and not is_identically_one(site["mask"]):
+            m = jnp.broadcast_to(jnp.asarray(site["mask"], bool), site["fn"].batch_shape)
+            m = m.reshape(m.shape + (1,) * (len(lp_shape) - m.ndim))
+            mask = m if mask is None else mask & m
+        n_axis, t_axis = self._layout(st, site)
+        B, T = jnp.shape(value)[n_axis], jnp.shape(value)[t_axis]
+        lm = self._lengths_mask(kwargs, B, T, plate_idx, st.N)
+        if lm is not None:
+            lm = lm if n_axis == 0 else lm.T
+            lm = lm.reshape(lm.shape + (1,) * (len(lp_shape) - 2))
+            mask = lm if mask is None else mask & lm
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, lp_shape)
+        return base, mask, n_axis, t_axis
+
+    def _observed(self, st, tr, kwargs) -> _Observed:
+        site = self._obs_site(st, tr)
+        plate_site = tr.get(st.sequence_plate)
+        plate_idx = None if plate_site is None else plate_site["value"]
+        fshape = tuple(site["fn"].shape(site["kwargs"].get("sample_shape", ())))
+        if tuple(jnp.shape(site["value"])) != fshape:
+            raise ValueError(
+                f"observed site {site['name']!r}: data of shape {list(jnp.shape(site['value']))}"
+                f" but the model's distribution has shape {list(fshape)}")
+        base, mask, n_axis, t_axis = self._site_mask(site, st, kwargs, plate_idx)
+        x = jnp.asarray(site["value"])
+        perm = (n_axis, t_axis, 2)
+        xN = jnp.transpose(x, perm)
+        if mask is None:
+            entry = jnp.ones(xN.shape[:2], bool)
+        else:
+            entry = jnp.transpose(mask, perm[: mask.ndim])
+        full = entry if entry.ndim == 3 else entry[..., None]
+        if _is_concrete(x) and _is_concrete(full):
+            bad = ~np.isfinite(np.asarray(xN)) & np.asarray(full)
+            if bad.any():
+                n, t, d = np.argwhere(bad)[0]
+                raise ValueError(
+                    f"observed site {site['name']!r} has NaN/inf at observed entries "
+                    f"(first at sequence {n}, step {t}, dim {d}); mask them out")
+        xN = jnp.where(full, xN, 0.0)
+        step = entry if entry.ndim == 2 else jnp.any(entry, axis=-1)
+        scale = 1.0 if site["scale"] is None else site["scale"]
+        return _Observed(xN, entry, step, scale, plate_idx, n_axis, t_axis)
+
+    # -- encoder and inference -------------------------------------------------------------------
+
+    def _encoder_fn(self):
+        if isinstance(self.encoder, eqx.Module):
+            return eqx_module(self.encoder_name, self.encoder)
+        params = numpyro.param(self.encoder_name + "$params", self.encoder_params)
+        return lambda x, m: self.encoder(params, x, m)
+
+    def _potentials(self, st, obs: _Observed):
+        enc = self._encoder_fn()
+        R, r = jax.vmap(enc)(obs.x, obs.entry_mask)
+        B, T = obs.x.shape[:2]
+        for nm, a in (("R", R), ("r", r)):
+            if a.shape != (B, T, st.D):
+                raise ValueError(
+                    f"the encoder must return node potentials (R, r) of shape [T, D] = "
+                    f"[{T}, {st.D}] per sequence (D = latent dim of site {st.z_site!r}); got "
+                    f"{nm} of shape {list(a.shape[1:])}")
+        return R, r
+
+    def _infer(self, args, kwargs, plate_idx=None, init_key=None) -> _Inference:
+        """Everything both the guide and the ELBO need: q(theta), potentials, mean field.
+
+        Registers the q(theta) and encoder parameters (``numpyro.param``); must run under a
+        seed handler (the q(k) initialisation is random).
+        """
+        st = self._setup(args, kwargs)
+        obs = self._data_pass(st, args, kwargs, plate_idx)
+        eta, gkl, g = self._qtheta(st)
+        R, r = self._potentials(st, obs)
+        B = R.shape[0]
+        key = numpyro.prng_key() if init_key is None else init_key
+        keys = jax.random.split(key, B)
+
+        mf, info = _batched_mean_field(R, r, g, obs.step_mask, keys, options=self.options,
+                                       leading=st.leading_regime,
+                                       init_concentration=self.init_concentration,
+                                       random_init=st.K > 1)
+        return _Inference(obs, eta, gkl, g, R, r, mf, info)
+
+    # -- NumPyro guide -------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        """Sample every latent site of the model from q(theta) q(k) q(z)."""
+        st = self._setup(args, kwargs)
+        plate_idx = None
+        if st.subsample_size < st.N:
+            with numpyro.plate(st.sequence_plate, st.N, subsample_size=st.subsample_size) as ix:
+                plate_idx = ix
+        inf = self._infer(args, kwargs, plate_idx)
+        self._record_diagnostics(inf.info)
+        self._sample_globals(st, inf.eta)
+        B = inf.R.shape[0]
+        kz, kk = jax.random.split(numpyro.prng_key())
+        z = _sample_states(kz, inf.mf)  # [B, T, D]
+        pots = inf.mf.lds_potentials
+        logZ = inf.mf.lds_log_normalizer
+        plate = numpyro.plate(st.sequence_plate, st.N, subsample_size=B)
+        if plate_idx is not None:
+            plate = handlers.substitute(plate, data={st.sequence_plate: plate_idx})
+
+        def log_qz(rest):  # rest: [T-1, B, D] -> [B]
+            full = jnp.concatenate([z[:, :1], jnp.swapaxes(rest, 0, 1)], 1)
+            return _lds_log_q(full, pots, logZ)
+
+        with plate:
+            numpyro.sample(st.z_init_site, dist.Delta(z[:, 0], event_dim=1))
+            numpyro.sample(st.z_site, _ChainDist(jnp.swapaxes(z[:, 1:], 0, 1), log_qz,
+                                                 event_dim=1, discrete=False))
+        if st.family == "slds":
+            k, hpots, hlogZ = _sample_regimes(kk, inf.mf, inf.globals, st.leading_regime)
+            first = 1 if st.k_init_site is not None else 0
+
+            def log_qk(rest):  # [Tk - first, B] -> [B]
+                full = jnp.concatenate([k[:, :first], jnp.swapaxes(rest, 0, 1)], 1)
+                return _hmm_log_q(full, hpots, hlogZ)
+
+            with plate:
+                if first:
+                    numpyro.sample(st.k_init_site, dist.Delta(k[:, 0]))
+                numpyro.sample(st.k_site, _ChainDist(jnp.swapaxes(k[:, first:], 0, 1), log_qk,
+                                                     event_dim=0, discrete=True))
+        return None
+
+    def _record_diagnostics(self, info: FixedPointInfo):
+        numpyro.primitives.mutable(DIAGNOSTICS_SITE, _summary(info))
+
+    def _plates(self, st, site):
+        info = st.sites[site]
+        plates = [numpyro.plate(n, s, dim=d) for (n, s, d) in info.plates
+                  if n != st.sequence_plate]
+        return plates
+
+    def _sample_site(self, st, site, d):
+        plates = self._plates(st, site)
+        for p in plates:
+            p.__enter__()
+        try:
+            return numpyro.sample(site, d)
+        finally:
+            for p in reversed(plates):
+                p.__exit__(None, None, None)
+
+    def _sample_globals(self, st, eta: dict):
+        if "init_state" in eta:
+            blk = st.init_state
+            p = niw_to_numpyro(eta["init_state"])
+            S0 = self._sample_site(st, blk.cov_site, dist.InverseWishart(p.df, p.scale_matrix))
+            self._sample_site(st, blk.mean_site,
+                              dist.MultivariateNormal(p.loc, covariance_matrix=S0 / p.lam))
+        if "dynamics" in eta:
+            blk = st.dynamics
+            p = mniw_to_numpyro(eta["dynamics"])
+            cshape, mshape = st.sites[blk.cov_site].shape, st.sites[blk.matrix_site].shape
+            sq = len(cshape) == 2  # model without a regimes axis (K = 1)
+            df, S, M, Lc = p.df, p.scale_matrix, p.loc, p.scale_tril_column
+            if sq:
+                df, S, M, Lc = df[0], S[0], M[0], Lc[0]
+            Q = self._sample_site(st, blk.cov_site, dist.InverseWishart(df, S))
+            self._sample_site(st, blk.matrix_site, dist.MatrixNormal(M, psd_cholesky(Q), Lc))
+            del mshape
+        for name in ("pi0", "P"):
+            if name in eta:
+                self._sample_site(st, getattr(st, name).site,
+                                  dist.Dirichlet(dirichlet_to_numpyro(eta[name])))
+
+    # -- posterior -------------------------------------------------------------------------------
+
+    def posterior(self, params: dict, *args, rng_key=None, **kwargs) -> SVAEPosterior:
+        """Variational posterior of the sequences passed (e.g. ``svi.get_params(state)``).
+
+        Parameters
+        ----------
+        params : dict
+            Parameter values (``SVIRunResult.params`` / ``svi.get_params``).
+        *args, **kwargs
+            The model's arguments (data included).
+        rng_key : jax.random key, optional
+            Key for the random initial q(k) of the mean field (default ``key(0)``).
+
+        Returns
+        -------
+        SVAEPosterior
+        """
+        rng_key = jax.random.key(0) if rng_key is None else rng_key
+        with handlers.block(), handlers.seed(rng_seed=rng_key), \
+                handlers.substitute(data=params):
+            inf = self._infer(args, kwargs)
+        return SVAEPosterior(
+            regime_marginals=inf.mf.marginals,
+            trans_counts=inf.mf.trans_counts,
+            latent_mean=inf.mf.Ez,
+            latent_cov=inf.mf.cov,
+            local_kl=inf.mf.local_kl,
+            qtheta=self.qtheta_standard(inf.eta),
+            global_kl=inf.global_kl,
+            mask=inf.obs.step_mask,
+            diagnostics=inf.info,
+        )
+
+
+def _summary(info: FixedPointInfo) -> dict:
+    """Batch summary of the inner-solver diagnostics (fixed shapes: scalars)."""
+    f = jnp.float32
+    return {
+        "num_iters_mean": jnp.mean(info.num_iters.astype(f)),
+        "num_iters_max": jnp.max(info.num_iters).astype(f),
+        "converged_frac": jnp.mean(info.converged.astype(f)),
+        "fallback_frac": jnp.mean(info.used_fallback.astype(f)),
+        "rel_change_max": jnp.max(jnp.nan_to_num(info.rel_change.astype(f))),
+    }
+
+
+_ = DirichletNatural  # re-exported type for annotations in docs
+
+
+# ------------------------------------------------------------------------------------------
+# compiled batch kernels (jit so that eager calls, e.g. SVI.init or Predictive, are fast;
+# inside the caller's jit they are inlined)
+# ------------------------------------------------------------------------------------------
+
+
+def _batched_mean_field_impl(R, r, g, step_mask, keys, *, options, leading, init_concentration,
+                             random_init):
+    def one(Rn, rn, mn, kn):
+        return mf_fixed_point(Rn, rn, g, mask=mn, init_key=kn if random_init else None,
+                              options=options, leading_regime=leading,
+                              init_concentration=init_concentration)
+
+    return jax.vmap(one)(R, r, step_mask, keys)
+
+
+_batched_mean_field = jax.jit(
+    _batched_mean_field_impl,
+    static_argnames=("options", "leading", "init_concentration", "random_init"))
+
+
+def _lds_log_psi(z: Array, pot: LDSPotentials) -> Array:
+    """``log psi(z)`` of one chain (design.md, messages.lds), z [T, D] -> []."""
+    quad = lambda J, a, b: jnp.einsum("...i,...ij,...j->...", a, J, b)
+    out = -0.5 * quad(pot.J_init, z[0], z[0]) + pot.h_init @ z[0]
+    out += jnp.sum(-0.5 * quad(pot.J11, z[:-1], z[:-1]) + quad(pot.J12, z[:-1], z[1:])
+                   - 0.5 * quad(pot.J22, z[1:], z[1:]))
+    out += jnp.sum(pot.h1 * z[:-1]) + jnp.sum(pot.h2 * z[1:])
+    if pot.R.ndim == 2:
+        out += jnp.sum(-0.5 * pot.R * z**2 + pot.r * z)
+    else:
+        out += jnp.sum(-0.5 * quad(pot.R, z, z) + jnp.sum(pot.r * z, -1))
+    return out
+
+
+@jax.jit
+def _lds_log_q(z, pots, logZ):
+    """log q(z) per sequence: z [B, T, D] -> [B]."""
+    return jax.vmap(_lds_log_psi)(z, pots) - logZ
+
+
+@jax.jit
+def _sample_states(key, mf):
+    B = mf.Ez.shape[0]
+    return jax.vmap(mf_sample)(jax.random.split(key, B), mf)
+
+
+def _hmm_potentials(g, mf_one: MFResult, leading: bool) -> HMMPotentials:
+    eta = lds_to_hmm_log_potentials(mf_one.Ez, mf_one.Ezz, mf_one.Ezz_next, g)
+    node = jnp.concatenate([jnp.zeros_like(eta[:1]), eta], 0) if leading else eta
+    return HMMPotentials(g.log_pi0, g.log_P, node)
+
+
+def _hmm_score(k: Array, pot: HMMPotentials) -> Array:
+    out = pot.log_init[k[0]] + jnp.sum(pot.log_lik[jnp.arange(k.shape[0]), k])
+    return out + jnp.sum(pot.log_trans[k[:-1], k[1:]])
+
+
+@jax.jit
+def _hmm_log_q(k, hpots, hlogZ):
+    """log q(k) per sequence: k [B, Tk] -> [B]."""
+    return jax.vmap(_hmm_score)(k, hpots) - hlogZ
+
+
+@partial(jax.jit, static_argnames=("leading",))
+def _sample_regimes(key, mf, g, leading):
+    """Exact draws from q(k) (the HMM given the final q(z)): k [B, Tk], potentials, log Z."""
+    hpots = jax.vmap(lambda m: _hmm_potentials(g, m, leading))(mf)
+    B = mf.Ez.shape[0]
+    k = jax.vmap(hmm_sample)(jax.random.split(key, B), hpots)
+    return k, hpots, jax.vmap(hmm_log_normalizer)(hpots)
