@@ -204,6 +204,7 @@ def main() -> None:
     else:
         print(f"note: skipping HMM rows, numpyro_svae.messages.hmm unavailable: {hmm_reason}")
     rows = []
+    OUT.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'kernel':6} {'impl':10} {'T':>6} {'D/K':>4} {'ours_s':>10} {'dynamax_s':>10} "
           f"{'ratio':>6}", flush=True)
     for cfg in configs:
@@ -216,8 +217,8 @@ def main() -> None:
             print(f"{row['kernel']:6} {row['impl']:10} {row['T']:>6} {row['D_or_K']:>4} "
                   f"{row['ours_s']:>10.5f} {row['dynamax_s']:>10.5f} {row['ratio']:>6.2f}",
                   flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1) + "\n")
+        # written after every row, so an interrupted run still leaves its finished rows
+        OUT.write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=1) + "\n")
     print(f"wrote {OUT}")
 
 

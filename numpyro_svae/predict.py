@@ -330,7 +330,7 @@ class _Post(NamedTuple):
 
 def _infer_stage(guide, others, params, arrays, x, key) -> _Post:
     inf = _infer(guide, params, x, {**dict(others), **arrays}, key)
-    return _Post(inf.eta, inf.globals, inf.mf, inf.info, inf.step_mask)
+    return _Post(inf.eta, inf.globals, inf.mf, inf.info, inf.obs.step_mask)
 
 
 def _core_stage(core, guide, static, params, arrays, post, *dyn):

@@ -165,3 +165,26 @@ def test_bad_inputs_raise_value_error_naming_site(lds_setup):
 def test_plain_callable_encoder_requires_params():
     with pytest.raises(ValueError, match="encoder_params"):
         SVAEGuide(lds_model, encoder=lambda p, x, m: (x, x))
+
+
+def test_svae_elbo_ignores_masked_entries_matches_zero_filled(lds_setup, key):
+    from numpyro_svae.elbo import SVAE_ELBO
+
+    x, guide, params = lds_setup
+    elbo = SVAE_ELBO(num_particles=2)
+
+    def loss(xx, **kw):
+        return float(elbo.loss(key, params, lds_model, guide, xx, N=N, T=T, **kw))
+
+    mask = jnp.ones((N, T, D), bool).at[1, 2, 0].set(False).at[2, 4].set(False)
+    filled = jnp.where(mask, x, 0.0)
+    holes = jnp.where(mask, x, jnp.nan)
+    base = loss(filled, mask=mask)
+    assert np.isfinite(base)
+    np.testing.assert_allclose(loss(holes, mask=mask), base, rtol=1e-6)
+    assert loss(x.at[0, 0, 0].add(1.0), mask=mask) != base  # observed entries matter
+    # ragged batch: padded steps are ignored
+    lengths = jnp.array([T, 3, 4])
+    pad = jnp.arange(T)[None, :, None] >= lengths[:, None, None]
+    a = loss(jnp.where(pad, 0.0, x), lengths=lengths)
+    np.testing.assert_allclose(loss(jnp.where(pad, jnp.nan, x), lengths=lengths), a, rtol=1e-6)

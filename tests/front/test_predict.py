@@ -261,6 +261,7 @@ def slds_problem():
     return dict(N=N, T=T, Dx=Dx, K=K, D=Dl, x=x, guide=guide, params=params)
 
 
+@pytest.mark.slow
 def test_slds_impute_and_forecast_shapes(slds_problem):
     p = slds_problem
     N, T, Dx = p["N"], p["T"], p["Dx"]
