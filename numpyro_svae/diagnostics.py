@@ -18,8 +18,8 @@ import numpy as np
 from numpyro_svae.guide import SVAEGuide
 from numpyro_svae.predict import (
     Imputation,
+    _call,
     _clean_params,
-    _infer,
     _prepare,
     _sample_theta,
     impute,
@@ -51,6 +51,21 @@ def _theta_dims(role: str, ndim: int) -> list[str]:
         "dyn_cov": reg + ["latent", "latent_col"],
         "dyn_matrix": reg + ["latent", "dyn_input"],
     }.get(role, [f"{role}_dim_{i}" for i in range(ndim)])
+
+
+def _draws_core(guide, static, kwargs, params, inf, x, key):
+    """q(theta) draws, their log-density and the mean-field summaries (compiled by `_call`)."""
+    del kwargs, params, x
+    (S,) = static
+    theta, log_q = jax.vmap(lambda kk: _sample_theta(guide, inf.eta, kk))(
+        jax.random.split(key, S))
+    mf = inf.mf
+    sd = jnp.sqrt(jnp.diagonal(mf.cov, axis1=-2, axis2=-1))
+    out = dict(marginals=mf.marginals, Ez=mf.Ez, sd=sd, local_kl=mf.local_kl, info=inf.info)
+    if "P" in inf.eta:
+        alpha = guide.qtheta_standard({"P": inf.eta["P"]})["P"].alpha
+        out["EP"] = alpha / jnp.sum(alpha, -1, keepdims=True)
+    return theta, log_q, out
 
 
 def _make_idata(groups: dict, extra: dict):
@@ -137,22 +152,8 @@ def to_inference_data(
     xp, kwargs, entry = _prepare(guide, x, mask, model_kwargs)
     st = guide.structure
     S = num_draws
-    k_th, k_imp, k_inf = jax.random.split(rng_key, 3)
-
-    def draws(params, xp, key_th, key_inf):
-        inf = _infer(guide, params, xp, kwargs, key_inf)
-        theta, log_q = jax.vmap(lambda kk: _sample_theta(guide, inf.eta, kk))(
-            jax.random.split(key_th, S))
-        mf = inf.mf
-        sd = jnp.sqrt(jnp.diagonal(mf.cov, axis1=-2, axis2=-1))
-        out = dict(marginals=mf.marginals, Ez=mf.Ez, sd=sd, local_kl=mf.local_kl,
-                   info=inf.info)
-        if "P" in inf.eta:
-            alpha = guide.qtheta_standard({"P": inf.eta["P"]})["P"].alpha
-            out["EP"] = alpha / jnp.sum(alpha, -1, keepdims=True)
-        return theta, log_q, out
-
-    theta, log_q, mf = jax.jit(draws)(params, xp, k_th, k_inf)
+    k_th, k_imp = jax.random.split(rng_key)
+    theta, log_q, mf = _call(_draws_core, guide, (S,), kwargs, params, xp, k_th)
     imp = impute(guide, params, xp, mask, num_samples=S, rng_key=k_imp, **model_kwargs)
 
     N, T, Dx = xp.shape

@@ -156,100 +156,202 @@ def _trans_seq(log_trans: Array, T: int) -> Array:
     return log_trans
 
 
-def _log_increments(filtered_log: Array, lt: Array, pot: HMMPotentials) -> Array:
-    """log p(step t | steps < t) for t = 1..T-1 from the normalised filtered messages. [T-1]"""
-    pred = _lse(filtered_log[:-1, :, None] + lt, axis=1)  # [T-1, K]
-    return _lse(pred + pot.log_lik[1:], axis=-1)
+_HI = lax.Precision.HIGHEST  # float32 matmuls stay float32 on GPU/TPU (no TF32 / bf16 passes)
 
 
-# ------------------------------------------------------------------------------------------
-# forward filters
-# ------------------------------------------------------------------------------------------
+def _shift(x: Array, axis=-1) -> Array:
+    """max over `axis` as a constant (stop_gradient), 0 where every entry is -inf."""
+    m = lax.stop_gradient(jnp.max(x, axis=axis))
+    return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+
+
+def _safe_log(p: Array) -> Array:
+    """log p with log 0 = -inf and a finite (zero) gradient at 0."""
+    pos = p > 0
+    return jnp.where(pos, jnp.log(jnp.where(pos, p, jnp.ones_like(p))), -jnp.inf)
+
+
+class _ProbPotentials(NamedTuple):
+    """Probability-space form of the potentials (every exp taken once, outside the scans).
+
+    With ``r_t(i) = max_j log_trans_t[i, j]`` (0 for t = T-1) and
+    ``ll'_t = log_lik_t + r_t`` (plus ``log_init`` at t = 0), the chain weight factorises into
+    ``A_t = exp(log_trans_t - r_t[:, None])`` (row maxima 1, ``-inf`` -> exact 0) and
+    ``E_t = exp(ll'_t - m_t)`` (max 1), with the constants ``m_t`` added back to the log
+    normaliser. The forward message carried through the scan is then
+    ``w_t ∝ alpha_t * exp(r_t)`` and the backward one ``v_t ∝ beta_t * exp(-r_t)``, so
+    ``q(k_t) ∝ w_t v_t`` and ``q(k_t=i, k_{t+1}=j) ∝ w_t(i) A_t[i, j] E_{t+1}(j) v_{t+1}(j)``.
+    """
+
+    A: Array  # [K, K] or [T-1, K, K]
+    E: Array  # [T, K]
+    log_shift: Array  # []  sum_t m_t
+
+
+def _to_prob(pot: HMMPotentials) -> _ProbPotentials:
+    lt = pot.log_trans
+    r = _shift(lt, axis=-1)  # [K] or [T-1, K]
+    A = jnp.exp(lt - r[..., None])
+    T, K = pot.log_lik.shape
+    r_seq = jnp.broadcast_to(r, (T - 1, K))
+    llp = pot.log_lik + jnp.concatenate([r_seq, jnp.zeros((1, K), r.dtype)], axis=0)
+    llp = llp.at[0].add(pot.log_init)
+    m = _shift(llp, axis=-1)  # [T]
+    E = jnp.exp(llp - m[:, None])
+    return _ProbPotentials(A=A, E=E, log_shift=jnp.sum(m))
+
+
+def _vecmat(w: Array, A: Array) -> Array:
+    """pred[t, j] = sum_i w[t, i] A(_t)[i, j] for homogeneous [K, K] or time-varying A."""
+    if A.ndim == 2:
+        return jnp.matmul(w, A, precision=_HI)
+    return jnp.einsum("ti,tij->tj", w, A, precision=_HI)
+
+
+def _forward_scan(pp: _ProbPotentials) -> tuple[Array, Array, Array]:
+    """Sequential forward pass: (log_normalizer [], w [T, K], pred [T-1, K]).
+
+    ``pred_t = w_{t-1} A_{t-1}`` is the (scaled) one-step prediction for t = 1..T-1.
+    """
+    A, E = pp.A, pp.E
+    c0 = jnp.sum(E[0])
+    w0 = E[0] / c0
+
+    if A.ndim == 2:
+        def step(w, e):
+            pred = jnp.matmul(w, A, precision=_HI)
+            v = pred * e
+            c = jnp.sum(v)
+            w_next = v / c
+            return w_next, (w_next, pred, c)
+
+        xs = E[1:]
+    else:
+        def step(w, inputs):
+            A_t, e = inputs
+            pred = jnp.matmul(w, A_t, precision=_HI)
+            v = pred * e
+            c = jnp.sum(v)
+            w_next = v / c
+            return w_next, (w_next, pred, c)
+
+        xs = (A, E[1:])
+    _, (ws, preds, cs) = lax.scan(step, w0, xs)
+    w = jnp.concatenate([w0[None], ws], axis=0)
+    log_z = pp.log_shift + jnp.log(c0) + jnp.sum(jnp.log(cs))
+    return log_z, w, preds
+
+
+def _backward_scan(pp: _ProbPotentials) -> Array:
+    """Sequential backward pass: v [T, K], each row normalised to sum 1."""
+    A, E = pp.A, pp.E
+    K = E.shape[1]
+    v_last = jnp.full((K,), 1.0 / K, E.dtype)
+
+    if A.ndim == 2:
+        def step(v_next, e):
+            v = jnp.matmul(A, e * v_next, precision=_HI)
+            v = v / jnp.sum(v)
+            return v, v
+
+        xs = E[1:]
+    else:
+        def step(v_next, inputs):
+            A_t, e = inputs
+            v = jnp.matmul(A_t, e * v_next, precision=_HI)
+            v = v / jnp.sum(v)
+            return v, v
+
+        xs = (A, E[1:])
+    _, vs = lax.scan(step, v_last, xs, reverse=True)
+    return jnp.concatenate([vs, v_last[None]], axis=0)
+
+
+def _filtered_log(pot: HMMPotentials, preds: Array) -> Array:
+    """Normalised log alpha_t from the predictions: log q(k_t | steps <= t). [T, K]"""
+    log_pred = jnp.concatenate([pot.log_init[None], _safe_log(preds)], axis=0)
+    return _normalize_log(log_pred + pot.log_lik)
 
 
 def _filter_sequential(pot: HMMPotentials, lt: Array) -> tuple[Array, Array]:
-    a0 = pot.log_init + pot.log_lik[0]
-    c0 = _lse(a0)
-    f0 = a0 - c0
-
-    def step(f, inputs):
-        log_trans_t, log_lik_next = inputs
-        a = _lse(f[:, None] + log_trans_t, axis=0) + log_lik_next
-        c = _lse(a)
-        f_next = a - c
-        return f_next, (f_next, c)
-
-    _, (fs, cs) = lax.scan(step, f0, (lt, pot.log_lik[1:]))
-    filtered_log = jnp.concatenate([f0[None], fs], axis=0)
-    return c0 + jnp.sum(cs), filtered_log
+    """(log_normalizer, filtered_log); `lt` is [K, K] or [T-1, K, K]."""
+    pot = pot._replace(log_trans=lt)
+    log_z, _, preds = _forward_scan(_to_prob(pot))
+    return log_z, _filtered_log(pot, preds)
 
 
-def _log_matmul(A: Array, B: Array) -> Array:
-    """Log-semiring product C[i, j] = lse_k A[i, k] + B[k, j], batched; rescaled so max C = 0.
+_SMALL_K = 8  # up to this many states, the scan's matrix products are unrolled (see below)
 
-    The rescaling (a constant shift, with stop_gradient) does not change any normalised output
-    and keeps the entries O(1) on long chains.
+
+def _prob_matmul(a: Array, b: Array) -> Array:
+    """Batched product of non-negative matrices rescaled to max entry 1 (a constant shift).
+
+    The rescaling does not change any normalised output and keeps the entries O(1) on long
+    chains.
     """
-    C = _lse(A[..., :, :, None] + B[..., None, :, :], axis=-2)
-    m = lax.stop_gradient(jnp.max(C, axis=(-2, -1), keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    return C - m
+    K = a.shape[-1]
+    if K <= _SMALL_K:
+        # tiny batched matmuls are slow on CPU: K fused outer-product updates are ~5-20x faster
+        c = a[..., :, 0:1] * b[..., 0:1, :]
+        for k in range(1, K):
+            c = c + a[..., :, k : k + 1] * b[..., k : k + 1, :]
+    else:
+        c = jnp.matmul(a, b, precision=_HI)
+    m = lax.stop_gradient(jnp.max(c, axis=(-2, -1), keepdims=True))
+    return c / jnp.where(m > 0, m, jnp.ones_like(m))
+
+
+def _parallel_forward_elems(pp: _ProbPotentials, T: int) -> tuple[Array, Array]:
+    """Forward scan elements [T, K, K] (row 0 of each prefix product is w_t) and w_0."""
+    K = pp.E.shape[1]
+    w0 = pp.E[0] / jnp.sum(pp.E[0])
+    steps = pp.A * pp.E[1:, None, :]  # [T-1, K, K]: A_{t-1} diag(E_t)
+    first = jnp.broadcast_to(w0, (1, K, K))
+    return jnp.concatenate([first, steps], axis=0), steps
+
+
+def _finish_forward(pp: _ProbPotentials, w: Array) -> tuple[Array, Array]:
+    """log normaliser and predictions [T-1, K] from the normalised forward messages w."""
+    preds = _vecmat(w[:-1], pp.A)
+    cs = jnp.sum(preds * pp.E[1:], axis=-1)
+    log_z = pp.log_shift + jnp.log(jnp.sum(pp.E[0])) + jnp.sum(jnp.log(cs))
+    return log_z, preds
+
+
+def _normalize_rows(x: Array) -> Array:
+    return x / jnp.sum(x, axis=-1, keepdims=True)
 
 
 def _filter_parallel(pot: HMMPotentials, lt: Array) -> tuple[Array, Array]:
-    K = pot.log_init.shape[0]
-    a0 = _normalize_log(pot.log_init + pot.log_lik[0])
-    # element 0: every row equals alpha_1, so row 0 of each prefix product is alpha_t
-    first = jnp.broadcast_to(a0[None, :], (K, K))
-    elems = jnp.concatenate([first[None], lt + pot.log_lik[1:, None, :]], axis=0)  # [T, K, K]
-    prefix = lax.associative_scan(_log_matmul, elems)
-    filtered_log = _normalize_log(prefix[:, 0, :])
-    c0 = _lse(pot.log_init + pot.log_lik[0])
-    return c0 + jnp.sum(_log_increments(filtered_log, lt, pot)), filtered_log
+    pot = pot._replace(log_trans=lt)
+    pp = _to_prob(pot)
+    T = pot.log_lik.shape[0]
+    elems, _ = _parallel_forward_elems(pp, T)
+    prefix = lax.associative_scan(_prob_matmul, elems)
+    w = _normalize_rows(prefix[:, 0, :])
+    log_z, preds = _finish_forward(pp, w)
+    return log_z, _filtered_log(pot, preds)
 
 
-# ------------------------------------------------------------------------------------------
-# backward passes (return normalised log beta [T, K])
-# ------------------------------------------------------------------------------------------
-
-
-def _backward_sequential(pot: HMMPotentials, lt: Array) -> Array:
-    K = pot.log_init.shape[0]
-    b_last = jnp.zeros((K,), pot.log_lik.dtype)
-
-    def step(b_next, inputs):
-        log_trans_t, log_lik_next = inputs
-        b = _normalize_log(_lse(log_trans_t + (log_lik_next + b_next)[None, :], axis=1))
-        return b, b
-
-    _, bs = lax.scan(step, b_last, (lt, pot.log_lik[1:]), reverse=True)
-    return jnp.concatenate([bs, b_last[None]], axis=0)
-
-
-def _messages_parallel(pot: HMMPotentials, lt: Array) -> tuple[Array, Array, Array]:
+def _messages_parallel(pot: HMMPotentials, pp: _ProbPotentials) -> tuple[Array, Array, Array]:
     """Forward and backward messages from ONE associative scan (half the compiled code).
 
-    The backward messages are suffix products ``S_t = E_t ... E_{T-1}`` of the elements
-    ``E_t = log_trans_t + log_lik_{t+1}`` (``E_{T-1} = 0``: a column of log-ones), and
-    ``beta_t = S_t[:, 0]``. Transposed, ``S_t^T`` is a *prefix* product of the reversed,
-    transposed elements, so both directions run as prefix products stacked on a leading axis;
-    in each, row 0 of the prefix product is the message.
+    The backward messages are suffix products ``S_t = M_{t+1} ... M_{T-1} 1`` of the elements
+    ``M_t = A_{t-1} diag(E_t)``. Transposed, ``S_t^T`` is a *prefix* product of the reversed,
+    transposed elements (led by a matrix of ones), so both directions run as prefix products
+    stacked on a leading axis; in each, row 0 of the prefix product is the message.
 
-    Returns ``(log_normalizer [], filtered_log [T, K], log_beta [T, K])``.
+    Returns ``(w [T, K], v [T, K], preds [T-1, K])`` (rows of w and v sum to 1).
     """
-    K = pot.log_init.shape[0]
-    a0 = _normalize_log(pot.log_init + pot.log_lik[0])
-    steps = lt + pot.log_lik[1:, None, :]  # [T-1, K, K] E_t for t < T-1
-    fwd = jnp.concatenate([jnp.broadcast_to(a0, (1, K, K)), steps], axis=0)
+    T, K = pp.E.shape
+    fwd, steps = _parallel_forward_elems(pp, T)
     bwd = jnp.concatenate(
-        [jnp.zeros((1, K, K), steps.dtype), jnp.swapaxes(steps, -1, -2)[::-1]], axis=0
+        [jnp.ones((1, K, K), steps.dtype), jnp.swapaxes(steps, -1, -2)[::-1]], axis=0
     )
-    prefix = lax.associative_scan(_log_matmul, jnp.stack([fwd, bwd]), axis=1)  # [2, T, K, K]
-    filtered_log = _normalize_log(prefix[0, :, 0, :])
-    log_beta = _normalize_log(prefix[1, ::-1, 0, :])
-    c0 = _lse(pot.log_init + pot.log_lik[0])
-    log_z = c0 + jnp.sum(_log_increments(filtered_log, lt, pot))
-    return log_z, filtered_log, log_beta
+    prefix = lax.associative_scan(_prob_matmul, jnp.stack([fwd, bwd]), axis=1)  # [2, T, K, K]
+    w = _normalize_rows(prefix[0, :, 0, :])
+    v = _normalize_rows(prefix[1, ::-1, 0, :])
+    return w, v
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,12 +388,11 @@ def hmm_filter(potentials: HMMPotentials, *, method: str = "auto") -> tuple[Arra
     propagates to NaN in every output, and a chain whose total weight is zero (all paths
     ``-inf``) gives ``log_normalizer = -inf`` and NaN messages.
     """
-    pot, T, _ = _check_potentials(potentials)
+    pot, _, _ = _check_potentials(potentials)
     method = _check_method(method)
-    lt = _trans_seq(pot.log_trans, T)
     if method == "parallel":
-        return _filter_parallel(pot, lt)
-    return _filter_sequential(pot, lt)
+        return _filter_parallel(pot, pot.log_trans)
+    return _filter_sequential(pot, pot.log_trans)
 
 
 def hmm_log_normalizer(potentials: HMMPotentials, *, method: str = "auto") -> Array:
@@ -318,20 +419,29 @@ def hmm_log_normalizer(potentials: HMMPotentials, *, method: str = "auto") -> Ar
     return hmm_filter(potentials, method=method)[0]
 
 
-def _posterior(pot: HMMPotentials, lt: Array, log_z: Array, filtered_log: Array,
-               log_beta: Array, pairwise: bool) -> HMMPosterior:
-    marginals = jnp.exp(_normalize_log(filtered_log + log_beta))
-    log_xi = filtered_log[:-1, :, None] + lt + (pot.log_lik[1:] + log_beta[1:])[:, None, :]
-    T1, K = lt.shape[0], lt.shape[1]
-    log_xi = _normalize_log(log_xi.reshape(T1, K * K)).reshape(T1, K, K)
-    xi = jnp.exp(log_xi)
-    counts = jnp.sum(xi, axis=0)
+def _posterior(pot: HMMPotentials, pp: _ProbPotentials, log_z: Array, w: Array, v: Array,
+               preds: Array, pairwise: bool) -> HMMPosterior:
+    """Marginals, counts and (optionally) pairwise marginals from the probability-space messages.
+
+    ``q(k_t) = w_t v_t / <w_t, v_t>`` and ``q(k_t=i, k_{t+1}=j) = w_t(i) A_t[i, j] u_{t+1}(j)``
+    with ``u_{t+1} = E_{t+1} v_{t+1} / <pred_{t+1}, E_{t+1} v_{t+1}>``; the counts are one
+    contraction over t (no ``[T-1, K, K]`` array for homogeneous transitions).
+    """
+    wv = w * v
+    marginals = wv / jnp.sum(wv, axis=-1, keepdims=True)
+    ev = pp.E[1:] * v[1:]  # [T-1, K]
+    u = ev / jnp.sum(preds * ev, axis=-1, keepdims=True)
+    if pp.A.ndim == 2:
+        counts = pp.A * jnp.matmul(w[:-1].T, u, precision=_HI)
+    else:
+        counts = jnp.einsum("ti,tij,tj->ij", w[:-1], pp.A, u, precision=_HI)
+    xi = w[:-1, :, None] * pp.A * u[:, None, :] if pairwise else None
     return HMMPosterior(
         log_normalizer=log_z,
         marginals=marginals,
         trans_counts=counts,
-        pairwise=xi if pairwise else None,
-        filtered_log=filtered_log,
+        pairwise=xi,
+        filtered_log=_filtered_log(pot, preds),
     )
 
 
@@ -368,11 +478,11 @@ def hmm_smoother_sequential(potentials: HMMPotentials, *, pairwise: bool = False
     ----------
     Rabiner (1989), "A tutorial on hidden Markov models", eqs. 18-27 (in log space).
     """
-    pot, T, _ = _check_potentials(potentials)
-    lt = _trans_seq(pot.log_trans, T)
-    log_z, filtered_log = _filter_sequential(pot, lt)
-    log_beta = _backward_sequential(pot, lt)
-    return _posterior(pot, lt, log_z, filtered_log, log_beta, pairwise)
+    pot, _, _ = _check_potentials(potentials)
+    pp = _to_prob(pot)
+    log_z, w, preds = _forward_scan(pp)
+    v = _backward_scan(pp)
+    return _posterior(pot, pp, log_z, w, v, preds, pairwise)
 
 
 def hmm_smoother_parallel(potentials: HMMPotentials, *, pairwise: bool = False) -> HMMPosterior:
@@ -403,10 +513,11 @@ def hmm_smoother_parallel(potentials: HMMPotentials, *, pairwise: bool = False) 
     Hassan, Särkkä & García-Fernández (2021), "Temporal parallelization of inference in hidden
     Markov models", IEEE TSP 69.
     """
-    pot, T, _ = _check_potentials(potentials)
-    lt = _trans_seq(pot.log_trans, T)
-    log_z, filtered_log, log_beta = _messages_parallel(pot, lt)
-    return _posterior(pot, lt, log_z, filtered_log, log_beta, pairwise)
+    pot, _, _ = _check_potentials(potentials)
+    pp = _to_prob(pot)
+    w, v = _messages_parallel(pot, pp)
+    log_z, preds = _finish_forward(pp, w)
+    return _posterior(pot, pp, log_z, w, v, preds, pairwise)
 
 
 def hmm_smoother(

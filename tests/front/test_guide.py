@@ -105,6 +105,7 @@ def test_guide_structure_and_param_sites(lds_setup):
     assert "encoder$params" in params
 
 
+@pytest.mark.slow  # ~30-60 s: Predictive compiles guide + model under vmap
 def test_predictive_returns_every_latent_site_matches_model_shapes(lds_setup):
     x, guide, params = lds_setup
     S = 2
@@ -167,6 +168,7 @@ def test_plain_callable_encoder_requires_params():
         SVAEGuide(lds_model, encoder=lambda p, x, m: (x, x))
 
 
+@pytest.mark.slow  # ~20-35 s: eager ELBO evaluations
 def test_svae_elbo_ignores_masked_entries_matches_zero_filled(lds_setup, key):
     from numpyro_svae.elbo import SVAE_ELBO
 

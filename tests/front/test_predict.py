@@ -101,8 +101,9 @@ def lg_params(guide, x, N, T, g=1.0):
     return params
 
 
-def dense_moments(T):
-    """Mean [T*D] and covariance of x_{1:T} (time-major, then channel) under the true LDS."""
+def dense_moments(T, latent=False):
+    """Mean [T*D] and covariance of x_{1:T} (time-major, then channel) under the true LDS;
+    with `latent`, those of z_{1:T} and the matrix C of x = C z + e as well."""
     mz = [M0_TRUE]
     cov = [S0_TRUE]
     for _ in range(T - 1):
@@ -115,6 +116,8 @@ def dense_moments(T):
             Sz[s * D:(s + 1) * D, t * D:(t + 1) * D] = blk
             Sz[t * D:(t + 1) * D, s * D:(s + 1) * D] = blk.T
     C = np.kron(np.eye(T), np.diag(C_DIAG))
+    if latent:
+        return np.concatenate(mz), Sz, C
     return C @ np.concatenate(mz), C @ Sz @ C.T + SIGMA**2 * np.eye(T * D)
 
 
@@ -229,6 +232,32 @@ def test_iw_bound_matches_exact_loglik(lg_problem):
                                np.logaddexp.reduce(lw, axis=0) - np.log(16), rtol=1e-12)
 
 
+def test_forecast_mean_matches_exact_prediction(lg_problem):
+    """E[x_{T+h} | x] = C (A^h E[z_T | x] + sum_{j<h} A^j b), by dense conditioning."""
+    p = lg_problem
+    N, T, H, S = p["N"], p["T"], 12, 200
+    with jax.enable_x64(True):  # same shapes as the IW test: its compiled mean field is reused
+        x = jnp.asarray(p["x"])
+        fc = forecast(p["guide"], p["params"], x, horizon=H, num_samples=S,
+                      rng_key=jax.random.key(4))
+    assert fc.samples.shape == (S, N, H, D) and fc.latents.shape == (S, N, H, D)
+    assert np.all(np.asarray(fc.regimes) == 0)
+    mz, Sz, C = dense_moments(T, latent=True)
+    Sx = C @ Sz @ C.T + SIGMA**2 * np.eye(T * D)
+    last = slice((T - 1) * D, T * D)
+    gain = Sz[last] @ C.T @ np.linalg.inv(Sx)
+    xf = np.asarray(x, np.float64).reshape(N, T * D)
+    m = mz[last] + (xf - C @ mz) @ gain.T  # [N, D] E[z_T | x]
+    exact = []
+    for _ in range(H):
+        m = m @ A_TRUE.T + B_TRUE
+        exact.append(m * C_DIAG)
+    exact = np.stack(exact, 1)  # [N, H, D]
+    draws = np.asarray(fc.samples, np.float64)
+    z = (draws.mean(0) - exact) / (draws.std(0) / np.sqrt(S))
+    assert np.max(np.abs(z)) < 5
+
+
 def test_per_frame_counts_observed_frames():
     mask = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool)
     out = np.asarray(per_frame(jnp.array([-4.0, -1.0]), mask))
@@ -289,9 +318,9 @@ def test_slds_impute_and_forecast_shapes(slds_problem):
     assert np.all(np.isfinite(np.asarray(iw.bound)))
 
 
-def test_predict_validation_errors(slds_problem):
-    p = slds_problem
-    g, prm, x = p["guide"], p["params"], p["x"]
+def test_predict_validation_errors(lg_problem):
+    p = lg_problem
+    g, prm, x = p["guide"], p["params"], jnp.asarray(p["x"])
     with pytest.raises(ValueError, match="`mask`"):
         impute(g, prm, x, jnp.ones((2, 2)), rng_key=jax.random.key(0))
     with pytest.raises(ValueError, match="NaN"):
