@@ -1,0 +1,44 @@
+"""numpyro_svae: structured variational autoencoders as a drop-in part of NumPyro's SVI.
+
+Public API (see README.md and docs/):
+
+- :class:`SVAEGuide`, :class:`SVAE_ELBO`, :func:`natural_gradient`: guide, loss and optimizer
+  for :class:`numpyro.infer.SVI`;
+- :func:`discover_structure` / :class:`ConjugateStructure`: what the guide finds in a model;
+- :mod:`numpyro_svae.nn`: default encoder and decoder networks;
+- :mod:`numpyro_svae.models`: ready-made SLDS / LDS / HMM models;
+- :func:`impute`, :func:`forecast`, :func:`importance_weighted_bound`: prediction;
+- :func:`to_inference_data`: ArviZ export;
+- the pure-JAX layers :mod:`~numpyro_svae.messages`, :mod:`~numpyro_svae.expfam`,
+  :mod:`~numpyro_svae.meanfield`.
+"""
+
+from numpyro_svae import datasets, expfam, meanfield, messages, metrics, models, nn
+from numpyro_svae.diagnostics import to_inference_data
+from numpyro_svae.elbo import SVAE_ELBO
+from numpyro_svae.guide import SVAEGuide, SVAEPosterior
+from numpyro_svae.optim import natural_gradient
+from numpyro_svae.predict import forecast, importance_weighted_bound, impute
+from numpyro_svae.structure import ConjugateStructure, discover_structure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConjugateStructure",
+    "SVAEGuide",
+    "SVAEPosterior",
+    "SVAE_ELBO",
+    "datasets",
+    "discover_structure",
+    "expfam",
+    "forecast",
+    "importance_weighted_bound",
+    "impute",
+    "meanfield",
+    "messages",
+    "metrics",
+    "models",
+    "natural_gradient",
+    "nn",
+    "to_inference_data",
+]

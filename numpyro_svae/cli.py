@@ -308,23 +308,23 @@ def evaluate_run(run: Run, params, data: Data, cfg: FitConfig, *, seed: int = 0)
         out["regimes_used"] = int(metrics.regimes_used(marg.reshape(-1, marg.shape[-1])))
     else:
         out.update(ari=None, accuracy=None, regimes_used=1 if cfg.family == "lds" else None)
-    gaps = metrics.random_gap_mask(seed, N, T, min_len=10, max_len=30, num_gaps=1)
-    gaps = np.asarray(gaps) & data.test_mask
+    gaps = np.asarray(metrics.random_gap_mask(seed, N, T, min_len=10, max_len=30, num_gaps=1))
+    gaps = gaps & data.test_mask
+    other = {k: v for k, v in kw.items() if k != "mask"}
     imp = predict.impute(run.guide, params, data.test_x, gaps,
-                         num_samples=50 if not cfg.fast else 8,
-                         rng_key=jax.random.key(seed), **{k: v for k, v in kw.items()
-                                                          if k != "mask"})
-    hole = (~gaps) & data.test_mask
-    full = np.broadcast_to(hole[..., None], data.test_x.shape)
-    out["impute_rmse"] = float(metrics.masked_rmse(data.test_x, np.asarray(imp.mean), full))
+                         num_samples=8 if cfg.fast else 50, rng_key=jax.random.key(seed),
+                         **other)
+    # score only frames that were observed in the data and hidden by the gap mask
+    scored = gaps | ~data.test_mask
+    out["impute_rmse"] = float(metrics.masked_rmse(data.test_x, np.asarray(imp.mean), scored))
     var = np.var(np.asarray(imp.samples), axis=0) + 1e-6
     out["impute_loglik"] = float(metrics.gaussian_masked_loglik(
-        data.test_x, np.asarray(imp.mean), var, full))
+        data.test_x, np.asarray(imp.mean), var, scored))
     iw = predict.importance_weighted_bound(
-        run.guide, params, data.test_x, num_samples=16 if not cfg.fast else 2,
-        rng_key=jax.random.key(seed + 1), **kw)
-    bound = np.asarray(iw.bound if hasattr(iw, "bound") else iw)
-    out["heldout_bound_per_frame"] = float(np.sum(bound) / max(1, int(data.test_mask.sum())))
+        run.guide, params, data.test_x, num_samples=2 if cfg.fast else 16,
+        rng_key=jax.random.key(seed + 1), mask=data.test_mask, **other)
+    out["heldout_bound_per_frame"] = float(
+        np.sum(np.asarray(iw.predictive)) / max(1, int(np.sum(np.asarray(iw.frames)))))
     return out
 
 
@@ -335,30 +335,37 @@ def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg
     import matplotlib
 
     matplotlib.use("Agg")
-    from . import diagnostics
+    from . import diagnostics, predict
 
     params = run.svi.get_params(state)
     N, T, Dx = data.test_x.shape
     kw = dict(run.model_kwargs, N=N, T=T, mask=data.test_mask)
+    other = {k: v for k, v in kw.items() if k != "mask"}
     idata = diagnostics.to_inference_data(
-        run.guide, params, data.test_x, num_draws=50 if cfg.fast else 200,
-        rng_key=jax.random.key(cfg.seed), losses=losses, **kw)
+        run.guide, params, data.test_x, num_draws=20 if cfg.fast else 200,
+        rng_key=jax.random.key(cfg.seed), losses=losses, mask=data.test_mask, **other)
     idata.to_netcdf(str(folder / "posterior.nc"))
     post = run.guide.posterior(params, data.test_x, **kw)
-    plots = []
-    figs = {
-        "elbo.png": lambda p: diagnostics.plot_elbo(losses, path=p),
-        "regimes.png": lambda p: diagnostics.plot_regimes(
-            post, true_labels=data.test_labels, label_names=data.label_names, path=p),
-        "transition_matrix.png": lambda p: diagnostics.plot_transition_matrix(post, path=p),
-        "reconstruction.png": lambda p: diagnostics.plot_reconstruction(
-            run.guide, params, data.test_x, path=p, **kw),
-    }
+    imp = predict.impute(run.guide, params, data.test_x, data.test_mask,
+                         num_samples=8 if cfg.fast else 50,
+                         rng_key=jax.random.key(cfg.seed + 2), **other)
     import matplotlib.pyplot as plt
 
+    figs = {
+        "elbo.png": lambda p: diagnostics.plot_elbo(losses, path=p),
+        "reconstruction.png": lambda p: diagnostics.plot_reconstruction(
+            data.test_x, imp.mean, lower=imp.lower, upper=imp.upper, path=p),
+    }
+    if cfg.family != "lds":
+        lab = None
+        if data.test_labels is not None:
+            lab = data.test_labels[:, -post.regime_marginals.shape[1]:]
+        figs["regimes.png"] = lambda p: diagnostics.plot_regimes(
+            post.regime_marginals, lab, path=p)
+        figs["transition_matrix.png"] = lambda p: diagnostics.plot_transition_matrix(
+            post, path=p)
+    plots = []
     for name, make in figs.items():
-        if cfg.family == "lds" and name in ("regimes.png", "transition_matrix.png"):
-            continue
         fig = make(str(folder / name))
         plt.close(fig)
         plots.append(name)
@@ -382,10 +389,11 @@ def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg
     for k in ("heldout_bound_per_frame", "ari", "accuracy", "regimes_used", "impute_rmse",
               "impute_loglik", "final_loss"):
         v = metrics_.get(k)
-        lines.append(f"| {k} | {'n/a' if v is None else (f'{v:.4g}' if isinstance(v, float) else v)} |")
+        shown = "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else v)
+        lines.append(f"| {k} | {shown} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "ArviZ: `posterior.nc` (`arviz.from_netcdf`). Checkpoint: `checkpoint.npz` + "
-              "`checkpoint.json` (`numpyro-svae fit --resume`)."]
+    lines += ["", "ArviZ: `posterior.nc` (`arviz.from_netcdf`). Checkpoint: `checkpoint.npz` "
+              "+ `checkpoint.json` (`numpyro-svae fit --resume`)."]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
 
 

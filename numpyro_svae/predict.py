@@ -418,7 +418,7 @@ def _forecast_core(guide, static, kwargs, params, inf, x, key) -> Forecast:
         def step(carry, kt):
             kp, zp = carry
             k1, k2 = jax.random.split(kt)
-            kn = jax.random.categorical(k1, lP[kp], axis=-1)
+            kn = jax.random.categorical(k1, lP[kp], axis=-1).astype(kp.dtype)
             eps = jax.random.normal(k2, zp.shape, zp.dtype)
             zn = jnp.einsum("nij,nj->ni", A[kn], zp) + b[kn] \
                 + jnp.einsum("nij,nj->ni", L[kn], eps)

@@ -1,4 +1,4 @@
-"""Log-space forward-backward for discrete Markov chains (the regime chain of the SLDS).
+"""Forward-backward for discrete Markov chains (the regime chain of the SLDS).
 
 The chain has ``T`` variables ``k_1..k_T`` in ``{0..K-1}`` and the unnormalised log density
 
@@ -10,15 +10,23 @@ Dirichlets (sub-normalised) and arbitrary real node log-potentials. ``-inf`` ent
 initial states, transitions or emissions) are allowed everywhere and give neither NaN values nor
 NaN gradients, as long as at least one path has non-zero weight.
 
-Numerics: all recursions run on *normalised* log messages (each row has logsumexp 0), so no
-quantity grows with ``T``; the log normaliser is accumulated as the sum of per-step log
-increments ``log p(step t | steps < t)``. This keeps float32 accurate on long chains.
+Numerics: the potentials are exponentiated ONCE, outside the loops, after subtracting constant
+shifts (the row maxima of each ``log_trans_t`` are folded into the node potentials, and each
+node potential is shifted by its maximum; the shifts are added back to the log normaliser), so
+sub-normalised potentials stay exact and ``-inf`` entries become exact zeros. The recursions
+then run in probability space on messages normalised to sum 1 (one ``K x K`` mat-vec per step,
+as in dynamax), so no quantity grows with ``T``; the log normaliser is the sum of the shifts and
+of the per-step log normalisers ``log p(step t | steps < t)``. This keeps float32 accurate on
+long chains. (An extreme potential can underflow: a state whose probability relative to the
+others falls below the float range gets probability 0, and a chain whose only paths all do
+gives NaN.)
 
 Two algorithms compute identical outputs (``svae_math.md`` section 2.5):
 
 - ``hmm_smoother_sequential``: ``lax.scan`` forward filter and backward pass, ``O(T K^2)``.
-- ``hmm_smoother_parallel``: ``lax.associative_scan`` over log-space ``K x K`` matrices (a
-  log-semiring matrix product), ``O(T K^3)`` work and ``O(log T)`` depth, for GPU/TPU.
+- ``hmm_smoother_parallel``: ``lax.associative_scan`` over non-negative ``K x K`` matrices
+  (matrix products rescaled to max entry 1), ``O(T K^3)`` work and ``O(log T)`` depth, for
+  GPU/TPU.
 
 Marginals, pairwise marginals and transition counts are computed in closed form from the
 forward and backward messages (no autodiff); ``hmm_expected_stats_by_grad`` is the reference
@@ -133,22 +141,6 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _lse(x: Array, axis=-1) -> Array:
-    """logsumexp that returns -inf (with zero gradient, not NaN) when all entries are -inf."""
-    m = lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    s = jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True)
-    # s == 0 only when every entry is -inf; a NaN input keeps propagating (NaN != 0)
-    nonzero = s != 0
-    out = jnp.where(nonzero, jnp.log(jnp.where(nonzero, s, jnp.ones_like(s))) + m, -jnp.inf)
-    return jnp.squeeze(out, axis=axis)
-
-
-def _normalize_log(x: Array, axis=-1) -> Array:
-    """x - logsumexp(x) over `axis` (a log-softmax that tolerates -inf entries)."""
-    return x - jnp.expand_dims(_lse(x, axis=axis), axis)
-
-
 def _trans_seq(log_trans: Array, T: int) -> Array:
     """Time-varying view [T-1, K, K] of homogeneous or time-varying transitions."""
     if log_trans.ndim == 2:
@@ -208,38 +200,32 @@ def _vecmat(w: Array, A: Array) -> Array:
     return jnp.einsum("ti,tij->tj", w, A, precision=_HI)
 
 
-def _forward_scan(pp: _ProbPotentials) -> tuple[Array, Array, Array]:
-    """Sequential forward pass: (log_normalizer [], w [T, K], pred [T-1, K]).
+def _forward_scan(pp: _ProbPotentials) -> Array:
+    """Sequential forward pass: w [T, K], rows normalised to sum 1 (``w_t ∝ alpha_t e^{r_t}``).
 
-    ``pred_t = w_{t-1} A_{t-1}`` is the (scaled) one-step prediction for t = 1..T-1.
+    Only the messages leave the loop; predictions and normalisers are recomputed from them
+    afterwards with one batched contraction (``_finish_forward``), which is cheaper on CPU.
     """
     A, E = pp.A, pp.E
-    c0 = jnp.sum(E[0])
-    w0 = E[0] / c0
+    w0 = E[0] / jnp.sum(E[0])
 
     if A.ndim == 2:
         def step(w, e):
-            pred = jnp.matmul(w, A, precision=_HI)
-            v = pred * e
-            c = jnp.sum(v)
-            w_next = v / c
-            return w_next, (w_next, pred, c)
+            v = jnp.matmul(w, A, precision=_HI) * e
+            w_next = v / jnp.sum(v)
+            return w_next, w_next
 
         xs = E[1:]
     else:
         def step(w, inputs):
             A_t, e = inputs
-            pred = jnp.matmul(w, A_t, precision=_HI)
-            v = pred * e
-            c = jnp.sum(v)
-            w_next = v / c
-            return w_next, (w_next, pred, c)
+            v = jnp.matmul(w, A_t, precision=_HI) * e
+            w_next = v / jnp.sum(v)
+            return w_next, w_next
 
         xs = (A, E[1:])
-    _, (ws, preds, cs) = lax.scan(step, w0, xs)
-    w = jnp.concatenate([w0[None], ws], axis=0)
-    log_z = pp.log_shift + jnp.log(c0) + jnp.sum(jnp.log(cs))
-    return log_z, w, preds
+    _, ws = lax.scan(step, w0, xs)
+    return jnp.concatenate([w0[None], ws], axis=0)
 
 
 def _backward_scan(pp: _ProbPotentials) -> Array:
@@ -249,8 +235,10 @@ def _backward_scan(pp: _ProbPotentials) -> Array:
     v_last = jnp.full((K,), 1.0 / K, E.dtype)
 
     if A.ndim == 2:
+        At = A.T
+
         def step(v_next, e):
-            v = jnp.matmul(A, e * v_next, precision=_HI)
+            v = jnp.matmul(e * v_next, At, precision=_HI)
             v = v / jnp.sum(v)
             return v, v
 
@@ -258,7 +246,7 @@ def _backward_scan(pp: _ProbPotentials) -> Array:
     else:
         def step(v_next, inputs):
             A_t, e = inputs
-            v = jnp.matmul(A_t, e * v_next, precision=_HI)
+            v = jnp.matmul(e * v_next, A_t.T, precision=_HI)
             v = v / jnp.sum(v)
             return v, v
 
@@ -268,15 +256,22 @@ def _backward_scan(pp: _ProbPotentials) -> Array:
 
 
 def _filtered_log(pot: HMMPotentials, preds: Array) -> Array:
-    """Normalised log alpha_t from the predictions: log q(k_t | steps <= t). [T, K]"""
-    log_pred = jnp.concatenate([pot.log_init[None], _safe_log(preds)], axis=0)
-    return _normalize_log(log_pred + pot.log_lik)
+    """Normalised log alpha_t from the predictions: log q(k_t | steps <= t). [T, K]
+
+    ``alpha_t ∝ pred_t * exp(log_lik_t)`` (``pred_0 ∝ exp(log_init)``), formed in probability
+    space with max-shifted exponentials; states whose filtered probability underflows get -inf.
+    """
+    p0 = jnp.exp(pot.log_init - _shift(pot.log_init))
+    preds = jnp.concatenate([p0[None], preds], axis=0)
+    f = preds * jnp.exp(pot.log_lik - _shift(pot.log_lik)[:, None])
+    return _safe_log(f / jnp.sum(f, axis=-1, keepdims=True))
 
 
 def _filter_sequential(pot: HMMPotentials, lt: Array) -> tuple[Array, Array]:
     """(log_normalizer, filtered_log); `lt` is [K, K] or [T-1, K, K]."""
     pot = pot._replace(log_trans=lt)
-    log_z, _, preds = _forward_scan(_to_prob(pot))
+    pp = _to_prob(pot)
+    log_z, preds = _finish_forward(pp, _forward_scan(pp))
     return log_z, _filtered_log(pot, preds)
 
 
@@ -301,7 +296,7 @@ def _prob_matmul(a: Array, b: Array) -> Array:
     return c / jnp.where(m > 0, m, jnp.ones_like(m))
 
 
-def _parallel_forward_elems(pp: _ProbPotentials, T: int) -> tuple[Array, Array]:
+def _parallel_forward_elems(pp: _ProbPotentials) -> tuple[Array, Array]:
     """Forward scan elements [T, K, K] (row 0 of each prefix product is w_t) and w_0."""
     K = pp.E.shape[1]
     w0 = pp.E[0] / jnp.sum(pp.E[0])
@@ -325,15 +320,14 @@ def _normalize_rows(x: Array) -> Array:
 def _filter_parallel(pot: HMMPotentials, lt: Array) -> tuple[Array, Array]:
     pot = pot._replace(log_trans=lt)
     pp = _to_prob(pot)
-    T = pot.log_lik.shape[0]
-    elems, _ = _parallel_forward_elems(pp, T)
+    elems, _ = _parallel_forward_elems(pp)
     prefix = lax.associative_scan(_prob_matmul, elems)
     w = _normalize_rows(prefix[:, 0, :])
     log_z, preds = _finish_forward(pp, w)
     return log_z, _filtered_log(pot, preds)
 
 
-def _messages_parallel(pot: HMMPotentials, pp: _ProbPotentials) -> tuple[Array, Array, Array]:
+def _messages_parallel(pp: _ProbPotentials) -> tuple[Array, Array]:
     """Forward and backward messages from ONE associative scan (half the compiled code).
 
     The backward messages are suffix products ``S_t = M_{t+1} ... M_{T-1} 1`` of the elements
@@ -341,10 +335,10 @@ def _messages_parallel(pot: HMMPotentials, pp: _ProbPotentials) -> tuple[Array, 
     transposed elements (led by a matrix of ones), so both directions run as prefix products
     stacked on a leading axis; in each, row 0 of the prefix product is the message.
 
-    Returns ``(w [T, K], v [T, K], preds [T-1, K])`` (rows of w and v sum to 1).
+    Returns ``(w [T, K], v [T, K])`` (rows sum to 1).
     """
-    T, K = pp.E.shape
-    fwd, steps = _parallel_forward_elems(pp, T)
+    K = pp.E.shape[1]
+    fwd, steps = _parallel_forward_elems(pp)
     bwd = jnp.concatenate(
         [jnp.ones((1, K, K), steps.dtype), jnp.swapaxes(steps, -1, -2)[::-1]], axis=0
     )
@@ -360,7 +354,7 @@ def _messages_parallel(pot: HMMPotentials, pp: _ProbPotentials) -> tuple[Array, 
 
 
 def hmm_filter(potentials: HMMPotentials, *, method: str = "auto") -> tuple[Array, Array]:
-    """Forward filter in log space: the log normaliser and normalised log forward messages.
+    """Forward filter: the log normaliser and normalised log forward messages.
 
     Parameters
     ----------
@@ -446,7 +440,7 @@ def _posterior(pot: HMMPotentials, pp: _ProbPotentials, log_z: Array, w: Array, 
 
 
 def hmm_smoother_sequential(potentials: HMMPotentials, *, pairwise: bool = False) -> HMMPosterior:
-    """Forward-backward with ``lax.scan`` in log space (``svae_math.md`` section 2.5).
+    """Forward-backward with ``lax.scan`` (``svae_math.md`` section 2.5).
 
     Parameters
     ----------
@@ -472,25 +466,29 @@ def hmm_smoother_sequential(potentials: HMMPotentials, *, pairwise: bool = False
     With ``f_t`` the normalised log forward message and ``b_t`` the normalised log backward
     message, ``q(k_t) = softmax(f_t + b_t)`` and
     ``q(k_t=i, k_{t+1}=j) ∝ exp(f_t(i) + log_trans_t(i,j) + log_lik_{t+1}(j) + b_{t+1}(j))``.
+    Both are computed in probability space (see ``_ProbPotentials``): one ``K x K`` mat-vec per
+    step and the transition counts as one contraction over ``t`` after the scans.
     Outputs are differentiable (reverse mode through both scans).
 
     References
     ----------
-    Rabiner (1989), "A tutorial on hidden Markov models", eqs. 18-27 (in log space).
+    Rabiner (1989), "A tutorial on hidden Markov models", eqs. 18-27 (scaled recursions).
     """
     pot, _, _ = _check_potentials(potentials)
     pp = _to_prob(pot)
-    log_z, w, preds = _forward_scan(pp)
+    w = _forward_scan(pp)
     v = _backward_scan(pp)
+    log_z, preds = _finish_forward(pp, w)
     return _posterior(pot, pp, log_z, w, v, preds, pairwise)
 
 
 def hmm_smoother_parallel(potentials: HMMPotentials, *, pairwise: bool = False) -> HMMPosterior:
-    """Forward-backward with ``lax.associative_scan`` over log-space ``K x K`` matrices.
+    """Forward-backward with ``lax.associative_scan`` over probability-space ``K x K`` matrices.
 
     Same signature and outputs as ``hmm_smoother_sequential`` (equal up to rounding). The
-    forward and backward messages are prefix / suffix products in the (logsumexp, +) semiring;
-    ``O(T K^3)`` work and ``O(log T)`` depth, which pays off on GPU/TPU.
+    forward and backward messages are prefix / suffix products of non-negative matrices (each
+    product rescaled to max entry 1); ``O(T K^3)`` work and ``O(log T)`` depth,
+    which pays off on GPU/TPU.
 
     Parameters
     ----------
@@ -515,7 +513,7 @@ def hmm_smoother_parallel(potentials: HMMPotentials, *, pairwise: bool = False) 
     """
     pot, _, _ = _check_potentials(potentials)
     pp = _to_prob(pot)
-    w, v = _messages_parallel(pot, pp)
+    w, v = _messages_parallel(pp)
     log_z, preds = _finish_forward(pp, w)
     return _posterior(pot, pp, log_z, w, v, preds, pairwise)
 

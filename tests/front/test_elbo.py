@@ -144,7 +144,7 @@ def test_svae_elbo_requires_svae_guide(key):
         SVAE_ELBO(num_particles=0)
 
 
-@pytest.mark.slow  # ~10 min on a loaded 2-core machine (800 SVI steps, K=3, T=60, N=16)
+@pytest.mark.slow  # ~3-5 min on 2 cores (1500 SVI steps, K=3, T=60, N=16, Dx=10)
 def test_synthetic_slds_regime_accuracy_matches_truth():
     import importlib.util
     import pathlib
@@ -153,6 +153,6 @@ def test_synthetic_slds_regime_accuracy_matches_truth():
     spec = importlib.util.spec_from_file_location("synthetic_slds_example", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    out = ex.run(steps=800, net_lr=5e-3, verbose=False)
+    out = ex.run(steps=1500, verbose=False)  # measured: accuracy 0.986, ELBO -666 -> 422
     assert out["elbo_last"] > out["elbo_first"]
     assert out["accuracy"] >= 0.9, out

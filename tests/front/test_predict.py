@@ -64,7 +64,7 @@ def lg_model(x=None, *, N, T, mask=None):
 
     _, zs = scan(step, z0, None, length=T - 1)
     z_all = jnp.concatenate([z0[None], zs], axis=0).swapaxes(0, 1)
-    d = dist.Normal(z_all * jnp.asarray(C_DIAG), SIGMA)
+    d = dist.Normal(z_all * jnp.asarray(C_DIAG, z_all.dtype), SIGMA)
     if mask is not None:
         m = mask if mask.ndim == 3 else mask[..., None]
         d = d.mask(jnp.broadcast_to(m.astype(bool), z_all.shape))
@@ -239,7 +239,7 @@ def test_forecast_mean_matches_exact_prediction(lg_problem):
     with jax.enable_x64(True):  # same shapes as the IW test: its compiled mean field is reused
         x = jnp.asarray(p["x"])
         fc = forecast(p["guide"], p["params"], x, horizon=H, num_samples=S,
-                      rng_key=jax.random.key(4))
+                      rng_key=jax.random.key(4), N=N, T=T)
     assert fc.samples.shape == (S, N, H, D) and fc.latents.shape == (S, N, H, D)
     assert np.all(np.asarray(fc.regimes) == 0)
     mz, Sz, C = dense_moments(T, latent=True)

@@ -371,3 +371,25 @@ def test_bad_inputs_raise_naming_the_argument():
     nan_pot = good._replace(log_lik=good.log_lik.at[2, 1].set(jnp.nan))
     out = jax.jit(hmm_smoother)(nan_pot)
     assert np.isnan(float(out.log_normalizer))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_large_shifts_match_enumeration(method):
+    """Potentials far from 0 (per-row offsets of the transitions, large node offsets): the
+    probability-space recursions subtract these shifts before exponentiating and add them back
+    to the log normaliser, so float32 stays exact. Shapes shared with the enumeration test."""
+    rng = np.random.default_rng(13)
+    T, K = 6, 3
+    log_init, log_trans, log_lik = _random_potentials(rng, T, K, time_varying=True)
+    log_init = log_init + 50.0
+    log_trans = log_trans + np.array([-60.0, 30.0, -5.0])[:, None]  # row offsets
+    log_lik = log_lik + 80.0 * rng.choice([-1.0, 1.0], size=(T, 1))
+    pot_np = (log_init, log_trans, log_lik)
+    log_z, marg, pair = _enumerate(*pot_np)
+    post = _smoother(_to_jax(pot_np, "float32"), pairwise=True, method=method)
+    assert np.isfinite(float(post.log_normalizer))
+    # |logZ| is O(100) here: compare relative to it
+    _assert_close(post.log_normalizer, log_z, "float32", atol=0.0, rtol=1e-5)
+    _assert_close(post.marginals, marg, "float32")
+    _assert_close(post.pairwise, pair, "float32")
+    _assert_close(post.trans_counts, pair.sum(0), "float32")
