@@ -195,7 +195,9 @@ def _machine() -> dict:
             "dtype": "float32", "backend": "cpu"}
 
 
-def main() -> None:
+def main(only: str | None = None) -> None:
+    """Run every configuration (or only the `only` kernel's, keeping the other kernel's rows
+    of an existing results file)."""
     configs = [("lds", impl, T, LDS_D) for impl in ("sequential", "parallel") for T in TS]
     hmm_reason = _hmm_available()
     if hmm_reason is None:
@@ -204,6 +206,10 @@ def main() -> None:
     else:
         print(f"note: skipping HMM rows, numpyro_svae.messages.hmm unavailable: {hmm_reason}")
     rows = []
+    if only is not None:
+        configs = [c for c in configs if c[0] == only]
+        if OUT.exists():
+            rows = [r for r in json.loads(OUT.read_text())["rows"] if r["kernel"] != only]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'kernel':6} {'impl':10} {'T':>6} {'D/K':>4} {'ours_s':>10} {'dynamax_s':>10} "
           f"{'ratio':>6}", flush=True)
@@ -225,5 +231,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif len(sys.argv) > 2 and sys.argv[1] == "--only":
+        main(sys.argv[2])  # e.g. `--only hmm` refreshes the HMM rows
     else:
         main()

@@ -66,7 +66,8 @@ def main() -> None:
     out = pathlib.Path(__file__).parent / "results" / "step.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"rows": [row]}, indent=1))
-    print(f"init {init_s:.1f} s | compile + first step {compile_s:.1f} s | step {1e3 * step_s:.1f} ms "
+    print(f"init {init_s:.1f} s | compile + first step {compile_s:.1f} s | "
+          f"step {1e3 * step_s:.1f} ms "
           f"(research 203 ms: ratio {row['step_ratio_vs_research']:.2f}) | peak RSS "
           f"{peak / 1e9:.2f} GB (research 2.4 GB)")
 

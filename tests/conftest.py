@@ -8,6 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Run CPU computations synchronously in the calling thread: with asynchronous dispatch a
+# worker of the 2-core CI machine was seen blocked forever waiting for a result (no
+# callbacks involved; the computation never ran).  Synchronous dispatch removes that path.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
+
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 MOCAP6 = SHARED / "data" / "mocap6"
 
