@@ -70,8 +70,8 @@ WINDOW = 50
 NET_LR = 5e-3
 # (optimizer, q(theta) learning rate): natural gradients at the example's rate, small sweeps
 # for the baselines (each optimizer's row reports its best rate).
-RUNS = [("natural", 0.05), ("adam", 1e-3), ("adam", 5e-3), ("adam", 2e-2),
-        ("sgd", 1e-5), ("sgd", 1e-4), ("sgd", 1e-3)]
+RUNS = [("natural", 0.05), ("adam", 1e-3), ("adam", 5e-3), ("adam", 2e-2), ("adam", 5e-2),
+        ("sgd", 1e-4), ("sgd", 1e-3)]
 
 
 def _load_example_model():
@@ -166,6 +166,11 @@ def main() -> None:
                           obs_dim=DX, nonlinear=True)
     x = jnp.asarray(data.x)
     runs = [run_one(name, lr, model, x) for name, lr in RUNS]
+    summarize(runs)
+
+
+def summarize(runs: list[dict]) -> None:
+    """Smooth, compute steps-to-1 %, write the JSON and print the table."""
     smoothed = [_smooth(r["losses"], WINDOW) for r in runs]
     best = float(min(np.min(s[np.isfinite(s)], initial=np.inf) for s in smoothed))
     thresh = best + 0.01 * abs(best)
@@ -188,11 +193,18 @@ def main() -> None:
         cand = [w for w in sweep if w["optimizer"] == name]
         rows.append(min(cand, key=lambda w: (w["steps_to_1pct"] is None,
                                              w["steps_to_1pct"] or 0, -w["best_elbo"])))
+    # secondary: steps to within 1 % of the best Adam run's best smoothed loss
+    adam_best = -max(w["best_elbo"] for w in sweep if w["optimizer"] == "adam")
+    thresh_adam = adam_best + 0.01 * abs(adam_best)
+    for w, s in zip(sweep, smoothed, strict=True):
+        hit = np.nonzero(np.isfinite(s) & (s <= thresh_adam))[0]
+        w["steps_to_1pct_of_best_adam"] = int(hit[0]) + 1 if hit.size else None
     out = {
         "config": {"N": N, "T": T, "K": K, "D": D, "Dx": DX, "hidden": list(HIDDEN),
                    "seed": SEED, "steps": STEPS, "window": WINDOW, "net_lr": NET_LR,
                    "runs": [list(r) for r in RUNS],
-                   "best_loss": best, "threshold_loss": thresh},
+                   "best_loss": best, "threshold_loss": thresh,
+                   "best_adam_loss": adam_best, "threshold_adam_loss": thresh_adam},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "jax": jax.__version__, "backend": jax.default_backend()},
         "rows": [{k: v for k, v in w.items() if k != "loss_trace"} for w in rows],
@@ -201,11 +213,14 @@ def main() -> None:
     path = ROOT / "bench" / "results" / "natgrad.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"\nbest smoothed loss {best:.2f}, 1 % threshold {thresh:.2f} (window {WINDOW})")
-    print(f"{'optimizer':<10}{'lr':>8}{'steps_to_1pct':>15}{'best_elbo':>12}{'final_elbo':>12}"
+    print(f"1 % of the best Adam loss {adam_best:.2f}: threshold {thresh_adam:.2f}")
+    print(f"{'optimizer':<10}{'lr':>8}{'steps_to_1pct':>15}{'to_adam_best':>14}{'best_elbo':>12}{'final_elbo':>12}"
           f"{'compile_s':>11}{'train_s':>9}")
     for r in sweep:
         steps = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
-        print(f"{r['optimizer']:<10}{r['lr']:>8g}{steps:>15}{r['best_elbo']:>12.2f}{r['final_elbo']:>12.2f}"
+        to_adam = r["steps_to_1pct_of_best_adam"]
+        to_adam = "never" if to_adam is None else str(to_adam)
+        print(f"{r['optimizer']:<10}{r['lr']:>8g}{steps:>15}{to_adam:>14}{r['best_elbo']:>12.2f}{r['final_elbo']:>12.2f}"
               f"{r['compile_s']:>11.1f}{r['train_s']:>9.1f}")
     print("best rate per optimizer: " + ", ".join(
         f"{r['optimizer']} lr={r['lr']:g} -> {r['steps_to_1pct']} steps" for r in rows))
