@@ -9,7 +9,7 @@ only the rule for the q(theta) parameters (``"qtheta$..."`` sites) changes:
 * ``natural``: `natural_gradient` (SGD with rate ``NATGRAD_LR`` on the natural gradient that
   the library's `SVAEGuide` produces: straight-through expected statistics + natural-gradient
   custom VJP of the unconstrained map), rate 0.05 as in the example.
-* ``adam`` / ``sgd``: `EuclideanGuide` below, a subclass of `SVAEGuide` that builds q(theta)
+* ``adam`` / ``sgd``: ``SVAEGuide(..., natural_gradients=False)``, which builds q(theta)
   with ``*_from_unconstrained(natgrad=False)`` and differentiates through the expected
   statistics and the KL (no straight-through), so that the q(theta) gradient is the ordinary
   Euclidean gradient in the unconstrained coordinates; the loss value is unchanged.  These
@@ -45,20 +45,7 @@ from numpyro.infer import SVI
 
 from numpyro_svae.datasets.synthetic import synthetic_slds
 from numpyro_svae.elbo import SVAE_ELBO
-from numpyro_svae.expfam import (
-    dirichlet_expected_stats,
-    dirichlet_from_unconstrained,
-    dirichlet_log_normalizer,
-    mniw_expected_stats,
-    mniw_from_unconstrained,
-    mniw_log_normalizer,
-    niw_expected_stats,
-    niw_from_unconstrained,
-    niw_log_normalizer,
-)
-from numpyro_svae.expfam.natgrad import tree_vdot
 from numpyro_svae.guide import SVAEGuide
-from numpyro_svae.meanfield.potentials import lds_expected_potentials, slds_expected_potentials
 from numpyro_svae.nn import GaussianPotentialEncoder
 from numpyro_svae.optim import QTHETA_PREFIX, natural_gradient
 
@@ -80,36 +67,6 @@ def _load_example_model():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.slds
-
-
-class EuclideanGuide(SVAEGuide):
-    """`SVAEGuide` whose q(theta) gradients are plain Euclidean gradients in ``u``."""
-
-    def _qtheta(self, st):
-        fams = {
-            "init_state": (niw_from_unconstrained, niw_expected_stats, niw_log_normalizer),
-            "dynamics": (mniw_from_unconstrained, mniw_expected_stats, mniw_log_normalizer),
-            "pi0": (dirichlet_from_unconstrained, dirichlet_expected_stats,
-                    dirichlet_log_normalizer),
-            "P": (dirichlet_from_unconstrained, dirichlet_expected_stats,
-                  dirichlet_log_normalizer),
-        }
-        eta, stats, kl = {}, {}, 0.0
-        for name, blk in self._blocks(st).items():
-            to_eta, es, lognorm = fams[name]
-            e = to_eta(self._register_block(name, st), natgrad=False)
-            eta[name] = e
-            mu = es(e)  # differentiated through: Euclidean gradient
-            stats[name] = mu
-            eta0 = self._prior_natural(name, blk)
-            diff = jax.tree.map(lambda a, b: a - b, e, eta0)
-            kl = kl + (tree_vdot(diff, mu) - jnp.sum(lognorm(e)) + jnp.sum(lognorm(eta0)))
-        if st.family == "lds":
-            g = lds_expected_potentials(stats["init_state"], stats["dynamics"])
-        else:
-            g = slds_expected_potentials(stats["init_state"], stats["dynamics"],
-                                         stats["pi0"].log_pi, stats["P"].log_pi)
-        return eta, jnp.asarray(kl), g
 
 
 def _partition(qtheta_rule: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -137,7 +94,7 @@ def run_one(name: str, lr: float, model, x) -> dict:
         guide = SVAEGuide(model, encoder=encoder)
         optim = natural_gradient(natgrad_lr=lr, other=optax.adam(NET_LR))
     else:
-        guide = EuclideanGuide(model, encoder=encoder)
+        guide = SVAEGuide(model, encoder=encoder, natural_gradients=False)
         optim = _partition(optax.adam(lr) if name == "adam" else optax.sgd(lr))
     kw = dict(N=N, T=T, K=K, D=D, Dx=DX, hidden=HIDDEN)
     svi = SVI(model, guide, optim, loss=SVAE_ELBO())

@@ -55,7 +55,7 @@ from numpyro_svae.expfam.mniw import (
     mniw_to_standard,
     mniw_to_unconstrained,
 )
-from numpyro_svae.expfam.natgrad import prior_kl_natgrad_form, straight_through
+from numpyro_svae.expfam.natgrad import prior_kl_natgrad_form, straight_through, tree_vdot
 from numpyro_svae.expfam.niw import (
     NIWStandard,
     niw_expected_stats,
@@ -237,6 +237,11 @@ class SVAEGuide:
         Shortcuts overriding the fields of `options`.
     options : FixedPointOptions, optional
         Mean-field forward / adjoint options (`meanfield.fixed_point.FixedPointOptions`).
+    natural_gradients : bool
+        True (default): the q(theta) parameters receive natural gradients (straight-through
+        expected statistics and the natural-gradient VJP of the unconstrained map). False:
+        plain Euclidean gradients in the same unconstrained coordinates (same loss value), for
+        Adam/SGD comparisons (`bench/bench_natgrad.py`).
     init_concentration : float
         Dirichlet concentration of the random initial q(k) of the mean field.
 
@@ -273,6 +278,7 @@ class SVAEGuide:
         solver: str | None = None,
         options: FixedPointOptions | None = None,
         init_concentration: float = 0.1,
+        natural_gradients: bool = True,
     ):
         if not callable(model):
             raise TypeError(f"`model` must be a callable NumPyro model; got {type(model)}")
@@ -294,6 +300,7 @@ class SVAEGuide:
                if v is not None}
         self.options = options._replace(**upd)
         self.init_concentration = init_concentration
+        self.natural_gradients = bool(natural_gradients)
         self._structure = None
 
     # -- structure ---------------------------------------------------------------------------
@@ -405,10 +412,17 @@ class SVAEGuide:
         for name, blk in self._blocks(st).items():
             to_eta, es, lognorm = fams[name]
             u = self._register_block(name, st)
-            e = to_eta(u)
+            e = to_eta(u, natgrad=self.natural_gradients)
             eta[name] = e
-            stats[name] = straight_through(es, e)
-            kl = kl + prior_kl_natgrad_form(e, self._prior_natural(name, blk), es, lognorm)
+            eta0 = self._prior_natural(name, blk)
+            if self.natural_gradients:
+                stats[name] = straight_through(es, e)
+                kl = kl + prior_kl_natgrad_form(e, eta0, es, lognorm)
+            else:  # ordinary autodiff through E[t] and the closed-form KL
+                mu = es(e)
+                stats[name] = mu
+                diff = jax.tree.map(lambda a, b: a - b, e, eta0)
+                kl = kl + (tree_vdot(diff, mu) - jnp.sum(lognorm(e)) + jnp.sum(lognorm(eta0)))
         if st.family == "lds":
             g = lds_expected_potentials(stats["init_state"], stats["dynamics"])
         else:

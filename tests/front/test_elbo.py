@@ -156,3 +156,30 @@ def test_synthetic_slds_regime_accuracy_matches_truth():
     out = ex.run(steps=1500, verbose=False)  # measured: accuracy 0.986, ELBO -666 -> 422
     assert out["elbo_last"] > out["elbo_first"]
     assert out["accuracy"] >= 0.9, out
+
+
+@pytest.mark.slow  # two gradient compilations of a tiny LDS
+def test_plain_gradient_mode_matches_natural_mode_loss_value(key):
+    """`natural_gradients=False` changes only the q(theta) gradients, never the loss value
+    or the network gradients."""
+    x = jax.random.normal(jax.random.key(1), (N, T, D))
+    enc = GaussianPotentialEncoder(obs_dim=D, latent_dim=D, hidden=(8,), key=jax.random.key(2))
+    nat = SVAEGuide(lds_model, encoder=enc)
+    plain = SVAEGuide(lds_model, encoder=enc, natural_gradients=False)
+    params = _params(nat, lds_model, x, N=N, T=T)
+    _params(plain, lds_model, x, N=N, T=T)  # discovers plain's structure
+
+    def value_and_grad(guide):
+        f = lambda p: SVAE_ELBO().loss(key, p, lds_model, guide, x, N=N, T=T)
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (ln, gn), (lp, gp) = value_and_grad(nat), value_and_grad(plain)
+    np.testing.assert_allclose(ln, lp, rtol=1e-5)
+    q = [k for k in params if k.startswith("qtheta$")]
+    others = [k for k in params if not k.startswith("qtheta$")]
+    assert q and others
+    for k in others:
+        for a, b in zip(jax.tree.leaves(gn[k]), jax.tree.leaves(gp[k]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    diff = max(float(jnp.max(jnp.abs(gn[k] - gp[k]))) for k in q)
+    assert diff > 1e-3, "natural and plain q(theta) gradients should differ"
