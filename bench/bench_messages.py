@@ -24,6 +24,8 @@ TIMEOUT_S = 900
 LDS_D = 4
 TS = (100, 1000, 10000)
 HMM_KS = (4, 16, 64)
+# XLA flags for the worker processes (empty: XLA's defaults); see _run_config
+_ENV_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "messages.json"
 
@@ -43,6 +45,48 @@ def _time(fn, *args) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _watchdog(stage: list, idle_s: float = 90.0) -> None:
+    """Exit the worker when the process has used no CPU for `idle_s` seconds.
+
+    dynamax's parallel LDS smoother at T=10000 compiles (~2 min) but its first call never
+    returns: every XLA CPU thread waits on a futex with no work (a runtime deadlock; seen with
+    jax 0.10.2, also with --xla_cpu_multi_thread_eigen=false).  A busy process on a loaded
+    machine still gets CPU time, so no progress at all means a hang.
+    """
+    import threading
+
+    def loop():
+        last, since = time.process_time(), time.monotonic()
+        while True:
+            time.sleep(5.0)
+            now = time.process_time()
+            if now - last > 0.05:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since > idle_s:
+                print(f"HANG {stage[0]}: no CPU progress for {idle_s:.0f} s", flush=True)
+                os._exit(3)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _time_pair(name, ours, ours_arg, ours_get, theirs, theirs_arg, theirs_get):
+    """Time ours first (reported at once, so a dynamax timeout still leaves our time), then
+    dynamax, after checking that both give the same smoothed marginals (float32)."""
+    import numpy as np
+
+    stage = ["ours"]
+    _watchdog(stage)
+    a = np.asarray(ours_get(ours(ours_arg)))
+    ours_s = _time(ours, ours_arg)
+    print("OURS " + json.dumps(ours_s), flush=True)
+    stage[0] = "dynamax"
+    b = np.asarray(theirs_get(theirs(theirs_arg)))
+    err = float(np.max(np.abs(a - b)))
+    if not err < 1e-2:
+        raise RuntimeError(f"{name} results disagree with dynamax: max abs diff {err}")
+    return ours_s, _time(theirs, theirs_arg)
 
 
 def _lds_case(impl: str, T: int, D: int) -> tuple[float, float]:
@@ -91,13 +135,8 @@ def _lds_case(impl: str, T: int, D: int) -> tuple[float, float]:
     else:
         ours = jax.jit(jax.vmap(lds_smoother_parallel))
         theirs = jax.jit(jax.vmap(lambda yy: dx_par.lgssm_smoother(params, yy)))
-    # sanity: same smoothed means (float32)
-    a = np.asarray(ours(pots).Ez)
-    b = np.asarray(theirs(f32(y)).smoothed_means)
-    err = float(np.max(np.abs(a - b)))
-    if not err < 1e-2:
-        raise RuntimeError(f"LDS results disagree with dynamax: max abs diff {err}")
-    return _time(ours, pots), _time(theirs, f32(y))
+    return _time_pair("LDS", ours, pots, lambda o: o.Ez,
+                      theirs, f32(y), lambda o: o.smoothed_means)
 
 
 def _hmm_case(impl: str, T: int, K: int) -> tuple[float, float]:
@@ -128,12 +167,8 @@ def _hmm_case(impl: str, T: int, K: int) -> tuple[float, float]:
     else:
         ours = jax.jit(jax.vmap(hmm.hmm_smoother_parallel))
         theirs = jax.jit(jax.vmap(lambda l: dx_par.hmm_smoother(pi32, P32, l)))  # noqa: E741
-    a = np.asarray(ours(pots).marginals)
-    b = np.asarray(theirs(f32(ll)).smoothed_probs)
-    err = float(np.max(np.abs(a - b)))
-    if not err < 1e-2:
-        raise RuntimeError(f"HMM results disagree with dynamax: max abs diff {err}")
-    return _time(ours, pots), _time(theirs, f32(ll))
+    return _time_pair("HMM", ours, pots, lambda o: o.marginals,
+                      theirs, f32(ll), lambda o: o.smoothed_probs)
 
 
 def _worker(kernel: str, impl: str, T: int, dk: int) -> None:
@@ -164,19 +199,28 @@ def _hmm_available() -> str | None:
 def _run_config(kernel: str, impl: str, T: int, dk: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--worker", kernel, impl, str(T), str(dk)]
-    row = {"kernel": kernel, "impl": impl, "T": T, "D_or_K": dk}
+    row = {"kernel": kernel, "impl": impl, "T": T, "D_or_K": dk,
+           "load_avg_1m_start": round(os.getloadavg()[0], 2)}
     try:
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return dict(row, ours_s=None, dynamax_s=None, ratio=None, note=f"timeout {TIMEOUT_S}s")
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        ours = [json.loads(ln[5:]) for ln in out.splitlines() if ln.startswith("OURS ")]
+        return dict(row, ours_s=ours[-1] if ours else None, dynamax_s=None, ratio=None,
+                    note=f"timeout {TIMEOUT_S}s" + (" (in dynamax)" if ours else ""))
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    hang = [ln[5:] for ln in res.stdout.splitlines() if ln.startswith("HANG ")]
+    ours = [json.loads(ln[5:]) for ln in res.stdout.splitlines() if ln.startswith("OURS ")]
+    if hang:
+        return dict(row, ours_s=ours[-1] if ours else None, dynamax_s=None, ratio=None,
+                    note=f"hang in {hang[-1]} (XLA CPU deadlock, see _watchdog)")
     if res.returncode != 0 or not lines:
         tail = (res.stderr.strip().splitlines() or ["?"])[-1]
         return dict(row, ours_s=None, dynamax_s=None, ratio=None, note=f"failed: {tail}")
     r = json.loads(lines[-1][len("RESULT "):])
     return dict(row, ours_s=r["ours_s"], dynamax_s=r["dynamax_s"],
-                ratio=r["ours_s"] / r["dynamax_s"])
+                ratio=r["ours_s"] / r["dynamax_s"], load_avg_1m_end=round(os.getloadavg()[0], 2))
 
 
 def _machine() -> dict:
@@ -192,7 +236,9 @@ def _machine() -> dict:
 
     return {"nproc": os.cpu_count(), "cpu": model, "jax": jax.__version__,
             "python": platform.python_version(), "batch": BATCH, "repeats": REPEATS,
-            "dtype": "float32", "backend": "cpu"}
+            "dtype": "float32", "backend": "cpu", "xla_flags": _ENV_XLA_FLAGS,
+            "load_avg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()],
+            "note": "shared machine; load_avg_1m_start/_end per row"}
 
 
 def main(only: str | None = None) -> None:

@@ -20,8 +20,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -75,6 +77,7 @@ class Data(NamedTuple):
     test_labels: np.ndarray | None
     test_mask: np.ndarray
     label_names: tuple
+    note: str = "standardised with training statistics"  # shown in the report
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,7 +104,8 @@ def load_data(cfg: FitConfig) -> Data:
             n = x.shape[0] // 2
             ones = np.ones(x.shape[:2], bool)
             return Data(x[:n], k[:n], ones[:n], x[n:], k[n:], ones[n:],
-                        tuple(f"regime {i}" for i in range(3)))
+                        tuple(f"regime {i}" for i in range(3)),
+                        note="synthetic SLDS, 3 regimes, not standardised")
         else:
             return _load_file(cfg.dataset)
     except CLIError:
@@ -140,10 +144,29 @@ def _load_file(path: str) -> Data:
                        f"got {list(mask.shape)}")
     if x.shape[0] < 2:
         raise CLIError(f"{path!r} needs at least 2 sequences (train/test split); got {x.shape[0]}")
-    n = max(1, int(round(0.8 * x.shape[0])))
+    if labels is not None:
+        if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(
+                labels == np.round(labels)):
+            labels = labels.astype(np.int64)
+        if labels.dtype.kind not in "iu":
+            raise CLIError(f"`labels` in {path!r} must be integers (-1 = unknown); got "
+                           f"dtype {labels.dtype}")
+    finite = np.all(np.isfinite(x), axis=-1)  # [N, T]: frames with NaN/inf count as missing
+    mask = mask & finite
+    x = np.where(finite[..., None], x, np.float32(0.0))
+    if not mask.any(axis=1).all():
+        raise CLIError(f"every sequence in {path!r} needs at least one observed frame")
+    n = min(x.shape[0] - 1, max(1, int(round(0.8 * x.shape[0]))))
+    obs = x[:n][mask[:n]]  # [frames, Dx] observed training frames
+    mean = obs.mean(0) if len(obs) else np.zeros(x.shape[-1], np.float32)
+    std = obs.std(0) if len(obs) else np.ones(x.shape[-1], np.float32)
+    std = np.where(std > 1e-8, std, 1.0)
+    x = np.where(mask[..., None], (x - mean) / std, 0.0).astype(np.float32)
     lab = (labels[:n], labels[n:]) if labels is not None else (None, None)
     names = tuple(str(i) for i in np.unique(labels[labels >= 0])) if labels is not None else ()
-    return Data(x[:n], lab[0], mask[:n], x[n:], lab[1], mask[n:], names)
+    return Data(x[:n], lab[0], mask[:n], x[n:], lab[1], mask[n:], names,
+                note=f"first {n} sequences train, the other {x.shape[0] - n} held out; "
+                "channels standardised with training statistics")
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,15 +174,101 @@ def _load_file(path: str) -> Data:
 # ------------------------------------------------------------------------------------------
 
 
-class Run(NamedTuple):
-    model: Any
-    guide: Any
-    svi: Any
-    model_kwargs: dict
+class Run:
+    """Model, guides, SVI object and their compiled functions for one configuration.
+
+    Built once per (configuration, data) in a process (see :func:`build`), so ``fit``,
+    ``fit --resume`` and ``evaluate`` called in one process share every compilation.
+    """
+
+    def __init__(self, model, guide, svi, model_kwargs: dict, encoder, max_iters: int):
+        self.model = model
+        self.guide = guide  # fitted on the training shapes
+        self.svi = svi
+        self.model_kwargs = model_kwargs  # [N, T] training mask included
+        self.encoder = encoder
+        self.max_iters = max_iters
+        self._update = None
+        self._template = None
+        self._eval_guides: dict = {}
+
+    def update(self, x):
+        """The compiled SVI step ``state -> (state, loss)`` (compiled once per run)."""
+        import jax
+
+        if self._update is None:
+            svi, kw = self.svi, self.model_kwargs
+            self._update = jax.jit(lambda s, x_: _strong(svi.update(s, x_, **kw)))
+        return lambda state: self._update(state, x)
+
+    def init(self, seed: int, x):
+        """A fresh SVI state (and remember its structure as the resume template)."""
+        import jax
+
+        state = _strong(self.svi.init(jax.random.PRNGKey(seed), x, **self.model_kwargs))
+        if self._template is None:
+            self._template = jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        return state
+
+    def template(self, seed: int, x):
+        """Shapes and dtypes of the SVI state (what a checkpoint must hold)."""
+        if self._template is None:
+            self.init(seed, x)
+        return self._template
+
+    def eval_guide(self, N: int, T: int):
+        """A guide for `N` sequences of `T` steps (the fitted one when the shapes agree).
+
+        The guide reads its model's structure at the training shapes; held-out data with a
+        different number of sequences gets its own guide on the same parameters.
+        """
+        kw = self.model_kwargs
+        if (N, T) == (kw["N"], kw["T"]):
+            return self.guide
+        if (N, T) not in self._eval_guides:
+            from .guide import SVAEGuide
+
+            self._eval_guides[(N, T)] = SVAEGuide(self.model, encoder=self.encoder,
+                                                  max_iters=self.max_iters)
+        return self._eval_guides[(N, T)]
+
+
+def _strong(tree):
+    """`tree` with strongly typed array leaves (keys untouched).
+
+    The SVI state of a fresh init, of a compiled step and of a checkpoint must have equal
+    abstract types, weak types included, or the compiled step is traced and compiled again.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def one(a):
+        if getattr(a, "weak_type", False) and not jax.dtypes.issubdtype(
+                a.dtype, jax.dtypes.prng_key):
+            return jnp.asarray(a, dtype=a.dtype)
+        return a
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+_RUNS: dict = {}  # (configuration, data fingerprint) -> Run; the last two built
+
+
+def _fingerprint(data: Data) -> str:
+    h = hashlib.sha256()
+    for a in (data.train_x, data.train_mask, data.test_x, data.test_mask):
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def build(cfg: FitConfig, data: Data) -> Run:
-    """Model, guide and SVI object for `cfg` on the training data."""
+    """Model, guide and SVI object for `cfg` on the training data (cached per process)."""
+    key = (json.dumps(cfg.identity(), sort_keys=True), _fingerprint(data))
+    if key in _RUNS:
+        return _RUNS[key]
     import jax
     import optax
     from numpyro.infer import SVI
@@ -180,7 +289,11 @@ def build(cfg: FitConfig, data: Data) -> Run:
     guide = SVAEGuide(model, encoder=enc, max_iters=cfg.max_iters)
     optim = natural_gradient(natgrad_lr=cfg.natgrad_lr, other=optax.adam(cfg.lr))
     svi = SVI(model, guide, optim, loss=SVAE_ELBO())
-    return Run(model, guide, svi, kw)
+    run = Run(model, guide, svi, kw, enc, cfg.max_iters)
+    while len(_RUNS) >= 2:
+        _RUNS.pop(next(iter(_RUNS)))
+    _RUNS[key] = run
+    return run
 
 
 def _flatten_state(state) -> tuple[list[np.ndarray], Any]:
@@ -218,33 +331,46 @@ def save_checkpoint(folder: pathlib.Path, state, cfg: FitConfig, step: int,
     os.replace(tmpj, folder / "checkpoint.json")
 
 
-def load_checkpoint(folder: pathlib.Path, template_state, cfg: FitConfig):
-    """Read a checkpoint written by :func:`save_checkpoint` into the structure of
-    `template_state`; raises CLIError if missing, corrupted or incompatible with `cfg`."""
-    import jax
-    import jax.numpy as jnp
-
+def check_checkpoint(folder: pathlib.Path, cfg: FitConfig | None = None) -> dict:
+    """Metadata of the checkpoint in `folder`, after checking its checksum and (given `cfg`)
+    that it was written by the same configuration; raises CLIError otherwise."""
     meta_p, npz_p = folder / "checkpoint.json", folder / "checkpoint.npz"
     if not meta_p.exists() or not npz_p.exists():
         raise CLIError(f"no checkpoint to resume from in {str(folder)!r}")
     try:
         meta = json.loads(meta_p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = FitConfig(**meta["config"]).identity()
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
         raise CLIError(f"checkpoint metadata {str(meta_p)!r} is corrupted") from None
     if meta.get("version") != CHECKPOINT_VERSION:
         raise CLIError(f"checkpoint version {meta.get('version')} is not supported "
                        f"(expected {CHECKPOINT_VERSION})")
     if hashlib.sha256(npz_p.read_bytes()).hexdigest() != meta.get("sha256"):
         raise CLIError(f"checkpoint {str(npz_p)!r} is corrupted (checksum mismatch)")
-    saved = FitConfig(**meta["config"]).identity()
-    diff = {k: (saved[k], v) for k, v in cfg.identity().items() if saved.get(k) != v}
-    if diff:
-        what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise CLIError(f"incompatible checkpoint in {str(folder)!r}: {what}")
+    if cfg is not None:
+        diff = {k: (saved[k], v) for k, v in cfg.identity().items() if saved.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise CLIError(f"incompatible checkpoint in {str(folder)!r}: {what}")
+    return meta
+
+
+def load_checkpoint(folder: pathlib.Path, template_state, cfg: FitConfig):
+    """Read a checkpoint written by :func:`save_checkpoint` into the structure of
+    `template_state` (arrays or ``jax.ShapeDtypeStruct``); raises CLIError if missing,
+    corrupted or incompatible with `cfg`. Returns ``(state, step, losses)``."""
+    import jax
+    import jax.numpy as jnp
+
+    meta = check_checkpoint(folder, cfg)
+    npz_p = folder / "checkpoint.npz"
     t_leaves, treedef = jax.tree_util.tree_flatten(template_state)
-    with np.load(npz_p, allow_pickle=False) as f:
-        stored = [f[f"leaf_{i:04d}"] for i in range(len(meta["leaves"]))]
-        losses = np.asarray(f["losses"])
+    try:
+        with np.load(npz_p, allow_pickle=False) as f:
+            stored = [f[f"leaf_{i:04d}"] for i in range(len(meta["leaves"]))]
+            losses = np.asarray(f["losses"])
+    except Exception as e:  # a checkpoint whose checksum matches but cannot be read
+        raise CLIError(f"checkpoint {str(npz_p)!r} cannot be read: {e}") from None
     if len(stored) != len(t_leaves):
         raise CLIError(f"incompatible checkpoint in {str(folder)!r}: {len(stored)} arrays, "
                        f"the model needs {len(t_leaves)}")
@@ -263,13 +389,9 @@ def load_checkpoint(folder: pathlib.Path, template_state, cfg: FitConfig):
 def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
           progress: bool = True):
     """Run `steps` SVI steps from `state` (or a fresh init). Returns (state, losses)."""
-    import jax
-
-    svi, kw = run.svi, run.model_kwargs
-    x = data.train_x
     if state is None:
-        state = svi.init(jax.random.PRNGKey(cfg.seed), x, **kw)
-    update = jax.jit(lambda s: svi.update(s, x, **kw))
+        state = run.init(cfg.seed, data.train_x)
+    update = run.update(data.train_x)
     losses = np.empty(steps)
     bar = None
     if progress:
@@ -293,32 +415,46 @@ def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
 # ------------------------------------------------------------------------------------------
 
 
-def evaluate_run(run: Run, params, data: Data, cfg: FitConfig, *, seed: int = 0) -> dict:
-    """Held-out metrics: segmentation (ARI, accuracy), imputation, held-out bound per frame."""
+class _Eval(NamedTuple):
+    metrics: dict
+    posterior: Any  # SVAEPosterior of the held-out sequences
+    guide: Any  # the guide used on the held-out shapes
+
+
+def _num_samples(cfg: FitConfig) -> tuple[int, int]:
+    """(imputation / ArviZ draws, importance samples): one imputation size is compiled."""
+    return (8, 2) if cfg.fast else (50, 16)
+
+
+def _evaluate(run: Run, params, data: Data, cfg: FitConfig, *, seed: int = 0) -> _Eval:
     import jax
 
     from . import metrics, predict
 
     N, T, Dx = data.test_x.shape
+    guide = run.eval_guide(N, T)
     kw = dict(run.model_kwargs, N=N, T=T, mask=data.test_mask)
+    other = {k: v for k, v in kw.items() if k != "mask"}
+    n_imp, n_iw = _num_samples(cfg)
     out: dict[str, Any] = {"dataset": cfg.dataset, "model": f"{cfg.family}_svae"}
-    post = run.guide.posterior(params, data.test_x, **kw)
-    marg = np.asarray(post.regime_marginals)
+    post = guide.posterior(params, data.test_x, **kw)
+    marg = np.asarray(post.regime_marginals)  # [N, Tk, K]
     if cfg.family != "lds" and data.test_labels is not None:
         pred = marg.argmax(-1)
         lab = data.test_labels[:, -pred.shape[1]:]
         ok = (lab >= 0) & data.test_mask[:, -pred.shape[1]:]
         out["ari"] = float(metrics.adjusted_rand_index(pred[ok], lab[ok]))
         out["accuracy"] = float(metrics.best_label_matching(pred[ok], lab[ok]).accuracy)
-        out["regimes_used"] = int(metrics.regimes_used(marg.reshape(-1, marg.shape[-1])))
     else:
-        out.update(ari=None, accuracy=None, regimes_used=1 if cfg.family == "lds" else None)
-    gaps = np.asarray(metrics.random_gap_mask(seed, N, T, min_len=10, max_len=30, num_gaps=1))
+        out.update(ari=None, accuracy=None)
+    out["regimes_used"] = (1 if cfg.family == "lds" else
+                           int(metrics.regimes_used(marg.reshape(-1, marg.shape[-1]))))
+    gap_len = max(1, min(30, T // 4))
+    gaps = np.asarray(metrics.random_gap_mask(seed, N, T, min_len=max(1, gap_len // 3),
+                                              max_len=gap_len, num_gaps=1))
     gaps = gaps & data.test_mask
-    other = {k: v for k, v in kw.items() if k != "mask"}
-    imp = predict.impute(run.guide, params, data.test_x, gaps,
-                         num_samples=8 if cfg.fast else 50, rng_key=jax.random.key(seed),
-                         **other)
+    imp = predict.impute(guide, params, data.test_x, gaps, num_samples=n_imp,
+                         rng_key=jax.random.key(seed), **other)
     # score only frames that were observed in the data and hidden by the gap mask
     scored = gaps | ~data.test_mask
     out["impute_rmse"] = float(metrics.masked_rmse(data.test_x, np.asarray(imp.mean), scored))
@@ -326,16 +462,42 @@ def evaluate_run(run: Run, params, data: Data, cfg: FitConfig, *, seed: int = 0)
     out["impute_loglik"] = float(metrics.gaussian_masked_loglik(
         data.test_x, np.asarray(imp.mean), var, scored))
     iw = predict.importance_weighted_bound(
-        run.guide, params, data.test_x, num_samples=2 if cfg.fast else 16,
-        rng_key=jax.random.key(seed + 1), mask=data.test_mask, **other)
+        guide, params, data.test_x, num_samples=n_iw, rng_key=jax.random.key(seed + 1),
+        mask=data.test_mask, **other)
     out["heldout_bound_per_frame"] = float(
         np.sum(np.asarray(iw.predictive)) / max(1, int(np.sum(np.asarray(iw.frames)))))
-    return out
+    return _Eval(out, post, guide)
+
+
+def evaluate_run(run: Run, params, data: Data, cfg: FitConfig, *, seed: int = 0) -> dict:
+    """Held-out metrics: segmentation (ARI, accuracy), imputation, held-out bound per frame.
+
+    Returns a dict with ``ari``, ``accuracy`` (None without labels or for an LDS),
+    ``regimes_used``, ``impute_rmse``, ``impute_loglik`` (scored on one random gap per
+    held-out sequence) and ``heldout_bound_per_frame`` (importance-weighted bound on
+    ``log p(x)`` per observed frame).
+    """
+    return _evaluate(run, params, data, cfg, seed=seed).metrics
+
+
+_METRIC_TEXT = {
+    "heldout_bound_per_frame": "importance-weighted lower bound on log p(x) of the held-out "
+                               "sequences, per observed frame (higher is better)",
+    "ari": "adjusted Rand index of the most probable regime vs the true labels "
+           "(1 = perfect, 0 = chance)",
+    "accuracy": "per-frame accuracy after the best one-to-one matching of regimes to labels",
+    "regimes_used": "regimes that hold at least 1% of the posterior mass",
+    "impute_rmse": "RMSE of the imputed mean on a hidden gap per sequence (standardised "
+                   "units; lower is better)",
+    "impute_loglik": "Gaussian log-likelihood per hidden entry of the imputation (higher is "
+                     "better)",
+    "final_loss": "last training loss (-ELBO of the whole training set)",
+}
 
 
 def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg: FitConfig,
-                  metrics_: dict, seconds: float) -> None:
-    """ArviZ file, plots, metrics.json and report.md into `folder`."""
+                  ev: _Eval, seconds: float, train_seconds: float | None = None) -> dict:
+    """ArviZ file, plots, metrics.json and report.md into `folder`; returns the metrics."""
     import jax
     import matplotlib
 
@@ -344,16 +506,16 @@ def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg
 
     params = run.svi.get_params(state)
     N, T, Dx = data.test_x.shape
-    kw = dict(run.model_kwargs, N=N, T=T, mask=data.test_mask)
-    other = {k: v for k, v in kw.items() if k != "mask"}
+    guide, post = ev.guide, ev.posterior
+    kw = dict(run.model_kwargs, N=N, T=T)
+    kw.pop("mask")
+    n_imp, _ = _num_samples(cfg)
     idata = diagnostics.to_inference_data(
-        run.guide, params, data.test_x, num_draws=20 if cfg.fast else 200,
-        rng_key=jax.random.key(cfg.seed), losses=losses, mask=data.test_mask, **other)
+        guide, params, data.test_x, num_draws=n_imp, rng_key=jax.random.key(cfg.seed),
+        losses=losses, mask=data.test_mask, **kw)
     idata.to_netcdf(str(folder / "posterior.nc"))
-    post = run.guide.posterior(params, data.test_x, **kw)
-    imp = predict.impute(run.guide, params, data.test_x, data.test_mask,
-                         num_samples=8 if cfg.fast else 50,
-                         rng_key=jax.random.key(cfg.seed + 2), **other)
+    imp = predict.impute(guide, params, data.test_x, data.test_mask, num_samples=n_imp,
+                         rng_key=jax.random.key(cfg.seed + 2), **kw)
     import matplotlib.pyplot as plt
 
     figs = {
@@ -374,32 +536,76 @@ def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg
         fig = make(str(folder / name))
         plt.close(fig)
         plots.append(name)
-    metrics_ = dict(metrics_, seconds=round(seconds, 1), steps=int(len(losses)),
+    metrics_ = dict(ev.metrics, seconds=round(seconds, 1),
+                    train_seconds=None if train_seconds is None else round(train_seconds, 1),
+                    steps=int(len(losses)),
                     final_loss=float(losses[-1]) if len(losses) else None)
     (folder / "metrics.json").write_text(json.dumps(metrics_, indent=1))
+    (folder / "report.md").write_text(_report(cfg, data, metrics_, plots, seconds))
+    return metrics_
+
+
+_PLOT_TEXT = {
+    "elbo.png": "training loss (-ELBO) per step; it should fall and flatten",
+    "reconstruction.png": "held-out sequence 0: data (black) and the model's reconstruction "
+                          "with a 90% band, a few channels",
+    "regimes.png": "held-out sequence 0: posterior regime probabilities q(k) over time, with "
+                   "the true labels when known",
+    "transition_matrix.png": "expected regime transition matrix E[P] under q(theta)",
+}
+
+
+_INTRO = {
+    "slds": "A switching linear dynamical system prior with a neural decoder, fitted without "
+            "labels: each time step of a sequence is assigned one of K regimes (discrete "
+            "states with their own linear dynamics in a D-dimensional latent space). Regime "
+            "numbers are arbitrary; the scores below match them to the true labels first.",
+    "lds": "A linear dynamical system prior (one regime) with a neural decoder: a "
+           "D-dimensional latent trajectory per sequence explains the observations.",
+    "hmm": "A hidden Markov model prior with Gaussian latent emissions and a neural decoder: "
+           "each time step is assigned one of K regimes, fitted without labels.",
+}
+
+
+def _report(cfg: FitConfig, data: Data, m: dict, plots: list, seconds: float) -> str:
     lines = [
         f"# numpyro-svae run: {cfg.family.upper()}-SVAE on {cfg.dataset}",
         "",
-        f"- configuration: K={cfg.K}, D={cfg.D}, hidden={cfg.hidden}, steps={len(losses)}, "
-        f"seed={cfg.seed}, lr={cfg.lr}, natgrad_lr={cfg.natgrad_lr}",
-        f"- data: train {list(data.train_x.shape)}, test {list(data.test_x.shape)} "
-        "(standardised with training statistics)",
-        f"- wall time: {seconds:.1f} s",
+        _INTRO.get(cfg.family, ""),
+        "",
+        f"- configuration: family={cfg.family}, K={cfg.K} regimes, D={cfg.D} latent "
+        f"dimensions, hidden={cfg.hidden}, steps={m['steps']}, seed={cfg.seed}, lr={cfg.lr}, "
+        f"natgrad_lr={cfg.natgrad_lr}, max_iters={cfg.max_iters}",
+        f"- data [sequences, steps, channels]: train {list(data.train_x.shape)}, held-out "
+        f"{list(data.test_x.shape)} ({data.note})",
+        f"- wall time of this command: {seconds:.1f} s, of which training {m['train_seconds']} s "
+        "(both include JAX compilation, which takes most of a short run)"
+        if m.get("train_seconds") is not None else f"- wall time: {seconds:.1f} s",
         "",
         "## Held-out metrics",
         "",
-        "| metric | value |",
-        "|---|---|",
+        "All metrics are computed on the held-out sequences, which were not used in training.",
+        "",
+        "| metric | value | meaning |",
+        "|---|---|---|",
     ]
-    for k in ("heldout_bound_per_frame", "ari", "accuracy", "regimes_used", "impute_rmse",
-              "impute_loglik", "final_loss"):
-        v = metrics_.get(k)
+    for k, text in _METRIC_TEXT.items():
+        v = m.get(k)
         shown = "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else v)
-        lines.append(f"| {k} | {shown} |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "ArviZ: `posterior.nc` (`arviz.from_netcdf`). Checkpoint: `checkpoint.npz` "
-              "+ `checkpoint.json` (`numpyro-svae fit --resume`)."]
-    (folder / "report.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {k} | {shown} | {text} |")
+    lines += ["", "## Plots", ""]
+    for p in plots:
+        lines += [f"{_PLOT_TEXT.get(p, p)}:", "", f"![{p}]({p})", ""]
+    lines += [
+        "## Files",
+        "",
+        "- `metrics.json`: the table above, machine readable",
+        "- `posterior.nc`: draws from the variational posterior (`arviz.from_netcdf`)",
+        "- `checkpoint.npz` + `checkpoint.json`: training state; continue with "
+        "`numpyro-svae fit --resume --out <this folder> --steps <total>` (same options), "
+        "re-score with `numpyro-svae evaluate <this folder>`",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------
@@ -409,7 +615,11 @@ def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg
 
 def _staging(out: pathlib.Path) -> pathlib.Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    return pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; a run folder is not
+    return stage
 
 
 def cmd_fit(cfg: FitConfig, out: pathlib.Path, *, resume: bool, progress: bool) -> dict:
@@ -417,29 +627,34 @@ def cmd_fit(cfg: FitConfig, out: pathlib.Path, *, resume: bool, progress: bool) 
     if out.exists() and not resume:
         raise CLIError(f"output folder {str(out)!r} exists; use --resume to continue it or "
                        "choose another --out")
+    if resume:
+        check_checkpoint(out, cfg)  # fail before loading data or compiling anything
     data = load_data(cfg)
     run = build(cfg, data)
     t0 = time.time()
     state, prev_losses, done = None, np.empty(0), 0
     if resume:
-        import jax
-
-        template = run.svi.init(jax.random.PRNGKey(cfg.seed), data.train_x, **run.model_kwargs)
+        template = run.template(cfg.seed, data.train_x)
         state, done, prev_losses = load_checkpoint(out, template, cfg)
     stage = _staging(out)
     try:
         state, losses = train(run, data, cfg, steps=max(0, cfg.steps - done), state=state,
                               progress=progress)
+        t_train = time.time() - t0
         losses = np.concatenate([prev_losses, losses])
         if not np.all(np.isfinite(losses[-1:])):
             raise CLIError("training diverged (non-finite loss); try a smaller --lr")
         save_checkpoint(stage, state, cfg, len(losses), losses)
-        params = run.svi.get_params(state)
-        m = evaluate_run(run, params, data, cfg, seed=cfg.seed)
-        write_outputs(stage, run, state, losses, data, cfg, m, time.time() - t0)
-        if out.exists():
-            shutil.rmtree(out)
+        ev = _evaluate(run, run.svi.get_params(state), data, cfg, seed=cfg.seed)
+        m = write_outputs(stage, run, state, losses, data, cfg, ev, time.time() - t0,
+                          train_seconds=t_train)
+        old = None
+        if out.exists():  # resume: swap folders so that `out` is always a complete run
+            old = out.with_name(stage.name + ".old")
+            os.replace(out, old)
         os.replace(stage, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
@@ -448,19 +663,12 @@ def cmd_fit(cfg: FitConfig, out: pathlib.Path, *, resume: bool, progress: bool) 
 
 def cmd_evaluate(run_dir: pathlib.Path) -> dict:
     """Re-score a finished run on its held-out data (prints and returns the metrics)."""
-    meta_p = run_dir / "checkpoint.json"
-    if not meta_p.exists():
+    if not (run_dir / "checkpoint.json").exists():
         raise CLIError(f"{str(run_dir)!r} is not a numpyro-svae run folder (no checkpoint.json)")
-    try:
-        cfg = FitConfig(**json.loads(meta_p.read_text())["config"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CLIError(f"checkpoint metadata {str(meta_p)!r} is corrupted") from None
-    import jax
-
+    cfg = FitConfig(**check_checkpoint(run_dir)["config"])
     data = load_data(cfg)
     run = build(cfg, data)
-    template = run.svi.init(jax.random.PRNGKey(cfg.seed), data.train_x, **run.model_kwargs)
-    state, _, _ = load_checkpoint(run_dir, template, cfg)
+    state, _, _ = load_checkpoint(run_dir, run.template(cfg.seed, data.train_x), cfg)
     return evaluate_run(run, run.svi.get_params(state), data, cfg, seed=cfg.seed)
 
 
@@ -497,9 +705,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_config(cfg: FitConfig) -> None:
+    for name, low in (("K", 1), ("D", 1), ("hidden", 1), ("steps", 0), ("max_iters", 1)):
+        if getattr(cfg, name) < low:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {low}; "
+                           f"got {getattr(cfg, name)}")
+    for name in ("lr", "natgrad_lr"):
+        v = getattr(cfg, name)
+        if not (np.isfinite(v) and v > 0):
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive number; got {v}")
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by hand
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``numpyro-svae`` console script."""
     args = _parser().parse_args(argv)
+    # SIGTERM (kill, timeout) unwinds like Ctrl-C, so the staging folder is removed
+    prev = None
+    if threading.current_thread() is threading.main_thread():
+        prev = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _main(args) -> int:
     try:
         if args.command == "evaluate":
             m = cmd_evaluate(pathlib.Path(args.run))
@@ -509,18 +744,22 @@ def main(argv: list[str] | None = None) -> int:
             dataset=args.dataset, data_path=args.data_path, family=args.family, K=args.K,
             D=args.D, hidden=args.hidden, steps=args.steps, seed=args.seed, lr=args.lr,
             natgrad_lr=args.natgrad_lr, max_iters=args.max_iters, fast=args.fast)
+        _check_config(cfg)
         out = pathlib.Path(args.out)
         resume = getattr(args, "resume", False)
-        if args.command == "demo" and out.exists():
-            shutil.rmtree(out) if (out / "report.md").exists() else None
-            if out.exists():
-                raise CLIError(f"output folder {str(out)!r} exists and is not a demo run")
+        if args.command == "demo" and out.exists() and not resume:
+            if not ((out / "report.md").exists() and (out / "checkpoint.json").exists()):
+                raise CLIError(f"output folder {str(out)!r} exists and is not a run folder")
+            shutil.rmtree(out)  # a previous demo run: start afresh
         m = cmd_fit(cfg, out, resume=resume, progress=not args.no_progress)
         print(f"wrote {out}/report.md")
         print(json.dumps(m, indent=1))
         return 0
     except CLIError as e:
         print(f"numpyro-svae: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
+        print(f"numpyro-svae: error: not supported yet: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("numpyro-svae: interrupted", file=sys.stderr)

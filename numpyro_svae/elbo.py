@@ -8,7 +8,8 @@ For a batch of ``B`` of the ``N`` sequences (ARCHITECTURE.md section 2, svae_mat
 The reconstruction term is a Monte Carlo average over ``num_particles`` reparameterised draws
 ``z ~ q(z)``; it is the log-density of the model's observed site, obtained by running the
 *model* with its latent sites substituted (so masks written in the model are honoured); the
-two KL terms are closed form.  The loss is ``-ELBO``.
+two KL terms are closed form.  The loss is ``-ELBO``.  Every family the guide serves (slds,
+lds, hmm, gmm) uses this decomposition; point-estimate / constant globals have no KL term.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 from numpyro import handlers
 from numpyro.infer.elbo import ELBO
 
-from numpyro_svae.guide import DIAGNOSTICS_SITE, SVAEGuide, _summary
+from numpyro_svae.guide import DIAGNOSTICS_SITE, WARM_START_SITE, SVAEGuide, _summary
+from numpyro_svae.meanfield.iid import IIDResult, mf_sample_iid
 from numpyro_svae.meanfield.kl import mf_sample
 
 __all__ = ["SVAE_ELBO"]
@@ -43,7 +45,8 @@ class SVAE_ELBO(ELBO):
     used.  ``loss_with_mutable_state`` returns the batch summary of the inner solver's
     diagnostics under ``mutable_state["svae$diagnostics"]`` (``num_iters_mean``,
     ``num_iters_max``, ``converged_frac``, ``fallback_frac``, ``rel_change_max``), which SVI
-    stores in ``svi_state.mutable_state``.
+    stores in ``svi_state.mutable_state``; with ``SVAEGuide(warm_start=True)`` also the
+    updated per-sequence q(k) under ``mutable_state["svae$qk_warm_start"]``.
 
     Warnings
     --------
@@ -71,7 +74,10 @@ class SVAE_ELBO(ELBO):
         terms = self.elbo_terms(rng_key, param_map, model, guide, *args, **kwargs)
         elbo = terms["scale"] * (terms["recon"] - self.local_kl_weight * terms["local_kl"]) \
             - self.prior_kl_weight * terms["global_kl"]
-        return {"loss": -elbo, "mutable_state": {DIAGNOSTICS_SITE: terms["diagnostics"]}}
+        state = {DIAGNOSTICS_SITE: terms["diagnostics"]}
+        if terms.get("warm_start") is not None:
+            state[WARM_START_SITE] = terms["warm_start"]
+        return {"loss": -elbo, "mutable_state": state}
 
     def elbo_terms(self, rng_key, param_map, model, guide, *args, **kwargs) -> dict:
         """The pieces of the ELBO: ``recon`` and ``local_kl`` (batch sums, unscaled),
@@ -86,9 +92,11 @@ class SVAE_ELBO(ELBO):
         st = guide.structure
         B = inf.R.shape[0]
 
+        draw = mf_sample_iid if isinstance(inf.mf, IIDResult) else mf_sample
+
         def particle(key):
             kz, km = jax.random.split(key)
-            z = jax.vmap(mf_sample)(jax.random.split(kz, B), inf.mf)  # [B, T, D]
+            z = jax.vmap(draw)(jax.random.split(kz, B), inf.mf)  # [B, T, D]
             return _log_likelihood(km, param_map, model, guide, st, inf, z, args, kwargs)
 
         keys = jax.random.split(k_part, self.num_particles)
@@ -99,6 +107,7 @@ class SVAE_ELBO(ELBO):
             "scale": inf.obs.scale,
             "global_kl": inf.global_kl,
             "diagnostics": _summary(inf.info),
+            "warm_start": inf.warm,
         }
 
 
@@ -106,21 +115,28 @@ def _log_likelihood(key, param_map, model, guide: SVAEGuide, st, inf, z, args, k
     """``log p(x | z)`` summed over observed entries of the batch (unscaled), via the model."""
     subs = dict(param_map)
     subs.pop(DIAGNOSTICS_SITE, None)
+    subs.pop(WARM_START_SITE, None)
     for name, info in st.sites.items():
         if info.kind == "latent" and info.role in ("k", "k_init"):
             subs[name] = jnp.zeros(info.shape, jnp.int32)
-    for blk in guide._blocks(st).values():
+    for blk in guide._latent_blocks(st).values():  # params come from param_map
         for site, val in guide._block_values(blk, st):
             subs[site] = val
-    subs[st.z_init_site] = z[:, 0]
-    subs[st.z_site] = jnp.swapaxes(z[:, 1:], 0, 1)
+    if st.family == "gmm":
+        subs[st.z_site] = z[:, 0]
+    else:
+        subs[st.z_init_site] = z[:, 0]
+        subs[st.z_site] = jnp.swapaxes(z[:, 1:], 0, 1)
     if inf.obs.plate_idx is not None:
         subs[st.sequence_plate] = inf.obs.plate_idx
     with handlers.block():
         seeded = handlers.seed(handlers.substitute(model, data=subs), rng_seed=key)
         tr = handlers.trace(seeded).get_trace(*args, **guide._model_kwargs(kwargs))
     site = guide._obs_site(st, tr)
-    base, mask, _, _ = guide._site_mask(site, st, kwargs, inf.obs.plate_idx)
+    if st.family == "gmm":
+        base, mask, _ = guide._iid_site_mask(site)
+    else:
+        base, mask, _, _ = guide._site_mask(site, st, kwargs, inf.obs.plate_idx)
     value = site["value"]
     if mask is None:
         return jnp.sum(base.log_prob(value))

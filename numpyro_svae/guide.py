@@ -34,11 +34,13 @@ from numpyro import handlers
 from numpyro.contrib.module import eqx_module
 from numpyro.distributions.util import is_identically_one
 
-from numpyro_svae._linalg import psd_cholesky
+from numpyro_svae import _eager
+from numpyro_svae._linalg import psd_cholesky, psd_inv, psd_logdet
 from numpyro_svae.expfam.convert import dirichlet_to_numpyro, mniw_to_numpyro, niw_to_numpyro
 from numpyro_svae.expfam.dirichlet import (
     DirichletNatural,
     DirichletStandard,
+    DirichletStats,
     dirichlet_expected_stats,
     dirichlet_from_unconstrained,
     dirichlet_log_normalizer,
@@ -48,6 +50,7 @@ from numpyro_svae.expfam.dirichlet import (
 )
 from numpyro_svae.expfam.mniw import (
     MNIWStandard,
+    MNIWStats,
     mniw_expected_stats,
     mniw_from_unconstrained,
     mniw_log_normalizer,
@@ -58,6 +61,7 @@ from numpyro_svae.expfam.mniw import (
 from numpyro_svae.expfam.natgrad import prior_kl_natgrad_form, straight_through, tree_vdot
 from numpyro_svae.expfam.niw import (
     NIWStandard,
+    NIWStats,
     niw_expected_stats,
     niw_from_unconstrained,
     niw_log_normalizer,
@@ -66,8 +70,11 @@ from numpyro_svae.expfam.niw import (
     niw_to_unconstrained,
 )
 from numpyro_svae.meanfield.fixed_point import FixedPointInfo, FixedPointOptions
+from numpyro_svae.meanfield.iid import IIDResult, mf_fixed_point_iid, mf_sample_iid
 from numpyro_svae.meanfield.kl import mf_sample
 from numpyro_svae.meanfield.potentials import (
+    IIDGlobalPotentials,
+    iid_expected_potentials,
     lds_expected_potentials,
     lds_to_hmm_log_potentials,
     slds_expected_potentials,
@@ -79,10 +86,14 @@ from numpyro_svae.optim import QTHETA_PREFIX
 
 Array = jax.Array
 
-__all__ = ["SVAEGuide", "SVAEPosterior", "DIAGNOSTICS_SITE"]
+__all__ = ["SVAEGuide", "SVAEPosterior", "DIAGNOSTICS_SITE", "WARM_START_SITE"]
 
 DIAGNOSTICS_SITE = "svae$diagnostics"
 """Name of the ``numpyro.mutable`` site holding the inner-solver diagnostics of the last step."""
+
+WARM_START_SITE = "svae$qk_warm_start"
+"""Name of the ``numpyro.mutable`` site holding the per-sequence q(k) of the last step
+(``SVAEGuide(warm_start=True)``): ``{"marginals": [N, Tk, K], "valid": [N] bool}``."""
 
 
 class SVAEPosterior(NamedTuple):
@@ -118,6 +129,7 @@ class _Inference(NamedTuple):
     r: Array  # [B, T, D]
     mf: MFResult  # batched over B
     info: FixedPointInfo  # batched over B
+    warm: Any = None  # updated q(k) warm-start state (`warm_start=True`), else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,8 +143,12 @@ class _ChainDist(dist.Distribution):
     Value ``[T', B, *event]`` (time first, as NumPyro stacks scan sites); batch shape
     ``[T', B]`` so that it matches the model's scan site.  ``log_prob(value)`` puts the joint
     log density of each sequence's chain under ``q`` (the first element, sampled at another
-    site, held fixed) at time index 0 and zeros elsewhere.
+    site, held fixed) at time index 0 and zeros elsewhere.  ``seq_log_prob_fn`` is a
+    `jax.tree_util.Partial` so that the distribution is a pytree (it can leave a ``jit``).
     """
+
+    pytree_data_fields = ("_value", "_fn")
+    pytree_aux_fields = ("_discrete",)
 
     def __init__(self, value, seq_log_prob_fn, *, event_dim: int, discrete: bool):
         self._value = value
@@ -209,16 +225,23 @@ def _unwrap_masks(fn, value_shape):
 
 
 class SVAEGuide:
-    """Structured variational guide for a conjugate SLDS / LDS NumPyro model.
+    """Structured variational guide for a conjugate SLDS / LDS / HMM / GMM NumPyro model.
+
+    Families (``structure.family``): ``slds`` (leading-regime, one-regime-per-transition and
+    lag-one forms), ``lds``, ``hmm`` (Gaussian latents iid given a Markov regime) and ``gmm``
+    (Gaussian mixture, each data point a length-1 sequence).  Each conjugate global is a
+    latent site (a q(theta) factor), a ``numpyro.param`` point estimate (re-declared by the
+    guide with the model's constraint; no KL; Euclidean gradients) or a constant.
 
     Parameters
     ----------
     model : callable
-        The NumPyro model (see ARCHITECTURE.md section 3); it is traced once, lazily, on the
-        first call (:attr:`structure`).
+        The NumPyro model (see ARCHITECTURE.md section 3, docs/model_guide.md); it is traced
+        once, lazily, on the first call (:attr:`structure`).
     encoder : eqx.Module or callable
         Maps one sequence ``x [T, Dx]`` and its mask (``[T, Dx]`` or ``[T]``) to node
-        potentials ``(R [T, D] > 0, r [T, D])``, e.g. `nn.GaussianPotentialEncoder`.  An
+        potentials ``(R [T, D] > 0, r [T, D])``, e.g. `nn.GaussianPotentialEncoder` (``T = 1``
+        for a mixture: ``x [1, Dx]`` per data point).  An
         equinox module is registered with :func:`numpyro.contrib.module.eqx_module`; a plain
         callable ``encoder(params, x, mask)`` needs `encoder_params`.
     encoder_params : pytree, optional
@@ -244,6 +267,17 @@ class SVAEGuide:
         Adam/SGD comparisons (`bench/bench_natgrad.py`).
     init_concentration : float
         Dirichlet concentration of the random initial q(k) of the mean field.
+    compile_eager : bool
+        True (default): an eager call of the guide (``SVI.init``, tracing it outside
+        ``jit``) runs its body as one compiled program and replays the sites to the
+        caller's handlers (``numpyro_svae._eager``): seconds instead of the ~30 s that
+        op-by-op execution costs.  False: plain op-by-op execution.
+    warm_start : bool
+        SLDS with K > 1: start each sequence's mean field from its q(k) of the previous
+        step, kept in the ``numpyro.mutable`` site `WARM_START_SITE` (per sequence, so
+        subsampled plates work; SVI carries it in ``svi_state.mutable_state``).  Default
+        False: a fresh random q(k) every step (the paper's setting).  A warm start usually
+        needs fewer block updates once training settles; q(k) is not differentiated.
 
     Attributes
     ----------
@@ -279,6 +313,8 @@ class SVAEGuide:
         options: FixedPointOptions | None = None,
         init_concentration: float = 0.1,
         natural_gradients: bool = True,
+        compile_eager: bool = True,
+        warm_start: bool = False,
     ):
         if not callable(model):
             raise TypeError(f"`model` must be a callable NumPyro model; got {type(model)}")
@@ -301,7 +337,10 @@ class SVAEGuide:
         self.options = options._replace(**upd)
         self.init_concentration = init_concentration
         self.natural_gradients = bool(natural_gradients)
-        self._structure = None
+        self.compile_eager = bool(compile_eager)
+        self.warm_start = bool(warm_start)
+        self._structure = None  # the structure of the current call
+        self._structures = {}  # call signature (shapes, static arguments) -> structure
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -320,42 +359,64 @@ class SVAEGuide:
         return kwargs
 
     def _setup(self, args, kwargs):
-        if self._structure is None:
+        """The structure for this call's argument shapes (discovered once per signature).
+
+        The q(theta) and encoder parameters are shared: data of another size (held-out
+        sequences, another T) gets its own structure, which must have the same globals."""
+        sig = _call_signature(args, kwargs)
+        st = self._structures.get(sig) if sig is not None else None
+        if st is None and sig is None and self._structure is not None:
+            return self._structure  # unhashable static argument: the last structure
+        if st is None:
             from numpyro_svae.structure import discover_structure
 
             with handlers.block():  # hide the discovery trace from the caller's handlers
                 st = discover_structure(self.model, *args, **self._model_kwargs(kwargs))
-            if st.family not in ("slds", "lds"):
+            if st.family not in ("slds", "lds", "hmm", "gmm"):
                 raise NotImplementedError(
-                    f"SVAEGuide supports SLDS / LDS models; the model is a {st.family!r} "
-                    "(hmm / gmm front support is not implemented yet)")
-            if st.dangling_regime:
-                raise NotImplementedError(
-                    f"SVAEGuide: the regime site {st.k_site!r} drives nothing at the last "
-                    "step (dangling regime); write the model with the leading-regime or "
-                    "one-regime-per-transition form")
-            for name, blk in self._blocks(st).items():
-                if blk.kind != "latent":
-                    raise NotImplementedError(
-                        f"SVAEGuide: global block {name!r} is a {blk.kind!r}; only latent "
-                        "(sampled) conjugate globals are supported by the guide yet")
-            self._structure = st
+                    f"SVAEGuide supports SLDS / LDS / HMM / GMM models; the model is a "
+                    f"{st.family!r}")
+            first = next(iter(self._structures.values()), None)
+            if first is None:
+                self._param_constraints = self._read_param_constraints(st, args, kwargs)
+            else:
+                _check_same_globals(first, st)
+            if sig is not None:
+                self._structures[sig] = st
+        self._structure = st
         return self._structure
+
+    def _read_param_constraints(self, st, args, kwargs) -> dict:
+        """Constraints of the model's ``numpyro.param`` globals (the guide re-declares them)."""
+        names = [n for blk in self._blocks(st).values() if blk.kind == "param"
+                 for n, _ in self._block_fields(blk) if n is not None]
+        if not names:
+            return {}
+        with handlers.block():
+            tr = handlers.trace(handlers.seed(self.model, rng_seed=0)).get_trace(
+                *args, **self._model_kwargs(kwargs))
+        return {n: tr[n]["kwargs"].get("constraint", dist.constraints.real) for n in names}
 
     @staticmethod
     def _blocks(st) -> dict:
+        """Every conjugate global block of the model (latent, param or constant)."""
         out = {}
-        for name in ("init_state", "dynamics", "pi0", "P"):
+        for name in ("init_state", "dynamics", "regime_gaussians", "pi0", "P"):
             blk = getattr(st, name)
             if blk is not None:
                 out[name] = blk
         return out
 
+    @classmethod
+    def _latent_blocks(cls, st) -> dict:
+        """The blocks with a factor in q(theta) (sampled globals)."""
+        return {n: b for n, b in cls._blocks(st).items() if b.kind == "latent"}
+
     # -- q(theta) ------------------------------------------------------------------------------
 
     def _prior_natural(self, name, blk):
         f = jnp.asarray(0.0).dtype  # float64 under jax.enable_x64
-        if name == "init_state":
+        if name in ("init_state", "regime_gaussians"):
             return niw_to_natural(NIWStandard(jnp.asarray(blk.S, f), jnp.asarray(blk.m, f),
                                               jnp.asarray(blk.lam, f), jnp.asarray(blk.nu, f)))
         if name == "dynamics":
@@ -371,6 +432,11 @@ class SVAEGuide:
         if name == "init_state":
             std = NIWStandard(D * c["S"] * eye, jnp.zeros((D,), f), jnp.asarray(c["lam"], f),
                               jnp.asarray(D + c["nu"], f))
+            return niw_to_unconstrained(niw_to_natural(std))
+        if name == "regime_gaussians":  # random means, so that the regimes start apart
+            std = NIWStandard(jnp.broadcast_to(D * c["S"] * eye, (K, D, D)),
+                              jax.random.normal(key, (K, D), f), jnp.full((K,), c["lam"], f),
+                              jnp.full((K,), D + c["nu"], f))
             return niw_to_unconstrained(niw_to_natural(std))
         if name == "dynamics":
             Din = D + 1 if st.dynamics.bias else D
@@ -399,17 +465,28 @@ class SVAEGuide:
         return type(shapes)(**fields)
 
     def _qtheta(self, st):
-        """Register q(theta); return (eta dict, global KL, SLDSGlobalPotentials)."""
+        """Register q(theta); return (eta dict, global KL, expected global potentials).
+
+        Latent blocks get a q(theta) factor (natural parameters in ``eta``, a KL term);
+        ``numpyro.param`` and constant blocks enter the potentials as point masses
+        (``E[t] = t(value)``), without KL; params get ordinary gradients.  The potentials are
+        `SLDSGlobalPotentials` (slds / lds) or `IIDGlobalPotentials` (hmm / gmm).
+        """
         eta, stats, kl = {}, {}, 0.0
+        niw = (niw_from_unconstrained, niw_expected_stats, niw_log_normalizer)
+        dirichlet = (dirichlet_from_unconstrained, dirichlet_expected_stats,
+                     dirichlet_log_normalizer)
         fams = {
-            "init_state": (niw_from_unconstrained, niw_expected_stats, niw_log_normalizer),
+            "init_state": niw,
+            "regime_gaussians": niw,
             "dynamics": (mniw_from_unconstrained, mniw_expected_stats, mniw_log_normalizer),
-            "pi0": (dirichlet_from_unconstrained, dirichlet_expected_stats,
-                    dirichlet_log_normalizer),
-            "P": (dirichlet_from_unconstrained, dirichlet_expected_stats,
-                  dirichlet_log_normalizer),
+            "pi0": dirichlet,
+            "P": dirichlet,
         }
         for name, blk in self._blocks(st).items():
+            if blk.kind != "latent":
+                stats[name] = self._point_stats(name, blk, st)
+                continue
             to_eta, es, lognorm = fams[name]
             u = self._register_block(name, st)
             e = to_eta(u, natgrad=self.natural_gradients)
@@ -425,15 +502,54 @@ class SVAEGuide:
                 kl = kl + (tree_vdot(diff, mu) - jnp.sum(lognorm(e)) + jnp.sum(lognorm(eta0)))
         if st.family == "lds":
             g = lds_expected_potentials(stats["init_state"], stats["dynamics"])
-        else:
+        elif st.family == "slds":
             g = slds_expected_potentials(stats["init_state"], stats["dynamics"],
                                          stats["pi0"].log_pi, stats["P"].log_pi)
+        else:
+            g = iid_expected_potentials(stats["regime_gaussians"], stats["pi0"].log_pi,
+                                        stats["P"].log_pi if "P" in stats else None)
         return eta, jnp.asarray(kl), g
+
+    def _point_values(self, blk, st) -> list:
+        """Current values of a param / constant block, in the discovery layout (``[K, ...]``).
+
+        ``numpyro.param`` sites are re-declared here with the model's constraint (the guide's
+        declaration takes precedence in SVI, with the same value), so that they receive the
+        current parameter value under ``SVI`` / ``substitute``."""
+        f = jnp.asarray(0.0).dtype
+        out = []
+        for site, val in self._block_fields(blk):
+            if site is None:
+                v = jnp.asarray(val, f)
+            else:
+                init = np.reshape(val, st.sites[site].shape)
+                v = numpyro.param(site, jnp.asarray(init, f),
+                                  constraint=self._param_constraints.get(site,
+                                                                         dist.constraints.real))
+                v = jnp.reshape(jnp.asarray(v, f), val.shape)
+            out.append(v)
+        return out
+
+    def _point_stats(self, name, blk, st):
+        """Sufficient statistics ``t(value)`` of a point-estimate / constant block."""
+        vals = self._point_values(blk, st)
+        if name in ("pi0", "P"):
+            (p,) = vals
+            return DirichletStats(jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny)))
+        cov, loc = vals
+        prec = psd_inv(cov)
+        half_logdet = -0.5 * psd_logdet(cov)
+        if name == "dynamics":  # loc is X = [A | b], [K, D, Din]
+            XtL = jnp.einsum("kij,kil->kjl", loc, prec)  # X' Lambda  [K, Din, D]
+            return MNIWStats(-0.5 * prec, XtL, -0.5 * XtL @ loc, half_logdet)
+        tau_mu = jnp.einsum("...ij,...j->...i", prec, loc)
+        return NIWStats(-0.5 * prec, tau_mu, -0.5 * jnp.sum(loc * tau_mu, -1), half_logdet)
 
     def qtheta_standard(self, eta: dict) -> dict:
         """Standard-form parameters of q(theta) from its natural parameters."""
-        conv = {"init_state": niw_to_standard, "dynamics": mniw_to_standard,
-                "pi0": dirichlet_to_standard, "P": dirichlet_to_standard}
+        conv = {"init_state": niw_to_standard, "regime_gaussians": niw_to_standard,
+                "dynamics": mniw_to_standard, "pi0": dirichlet_to_standard,
+                "P": dirichlet_to_standard}
         return {k: conv[k](v) for k, v in eta.items()}
 
     # -- data ----------------------------------------------------------------------------------
@@ -446,38 +562,111 @@ class SVAEGuide:
                 subs[name] = jnp.zeros(info.shape, jnp.int32)
             elif info.kind == "latent" and info.role in ("z", "z_init"):
                 subs[name] = jnp.zeros(info.shape)
-        for blk in self._blocks(st).values():
+        for blk in self._latent_blocks(st).values():
             for site, val in self._block_values(blk, st):
                 subs[site] = val
         if plate_idx is not None:
             subs[st.sequence_plate] = plate_idx
         lengths = kwargs.get("lengths")
+        if lengths is not None and st.family == "gmm":
+            raise ValueError("`lengths` is meaningless for a mixture model (one latent per data "
+                             "point); mask the observations instead")
         if lengths is not None and (jnp.ndim(lengths) != 1 or jnp.shape(lengths)[0] not in
                                     (st.N, st.subsample_size)):
             raise ValueError(
                 f"`lengths` must have shape [N] = [{st.N}]; got {list(jnp.shape(lengths))}")
+        # a key from the caller's seed, not a constant: with a constant key XLA would
+        # constant-fold the model's random parameter initialisations (minutes of compile)
+        data_key = numpyro.prng_key()
+        data_key = jax.random.key(0) if data_key is None else data_key
         with handlers.block():
             model = handlers.substitute(self.model, data=subs)
             try:
-                tr = handlers.trace(handlers.seed(model, rng_seed=0)).get_trace(
+                tr = handlers.trace(handlers.seed(model, rng_seed=data_key)).get_trace(
                     *args, **self._model_kwargs(kwargs))
             except (ValueError, TypeError, IndexError) as err:
                 raise ValueError(
                     f"running the model to read its observed site {st.obs.name!r} failed; "
                     f"check the shapes of the data, mask and other arguments: {err}") from err
+        if st.family == "gmm":
+            return self._observed_iid(st, tr)
         return self._observed(st, tr, kwargs)
 
+    def _iid_site_mask(self, site):
+        """Mixture (gmm) observed site ``[B, Dx]``: (innermost dist, mask over its
+        elementwise log-prob in value layout or None, sequences axis)."""
+        value = jnp.shape(site["value"])
+        if len(value) != 2:
+            raise ValueError(
+                f"observed site {site['name']!r} of a mixture model must have a value of shape "
+                f"[N, Dx]; got {list(value)}")
+        base, mask, lp_shape = _unwrap_masks(site["fn"], value)
+        if site.get("mask") is not None and not is_identically_one(site["mask"]):
+            m = jnp.broadcast_to(jnp.asarray(site["mask"], bool), site["fn"].batch_shape)
+            m = m.reshape(m.shape + (1,) * (len(lp_shape) - m.ndim))
+            mask = m if mask is None else mask & m
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, lp_shape)
+        n_axis = 0
+        batch_ndim = len(value) - site["fn"].event_dim
+        for frame in site["cond_indep_stack"]:
+            if frame.name == self.structure.sequence_plate:
+                n_axis = batch_ndim + frame.dim
+        if n_axis not in (0, 1):
+            raise ValueError(
+                f"observed site {site['name']!r}: the data-point axis must be one of the two "
+                f"axes of its value {list(value)}")
+        return base, mask, n_axis
+
+    def _observed_iid(self, st, tr) -> _Observed:
+        """`_Observed` of a mixture: each data point is a length-1 sequence ``[B, 1, Dx]``."""
+        site = self._obs_site(st, tr)
+        plate_site = tr.get(st.sequence_plate)
+        plate_idx = None if plate_site is None else plate_site["value"]
+        base, mask, n_axis = self._iid_site_mask(site)
+        x = jnp.asarray(site["value"])
+        xN = (x if n_axis == 0 else x.T)[:, None, :]  # [B, 1, Dx]
+        if mask is None:
+            entry = jnp.ones(xN.shape[:2], bool)
+        else:
+            entry = (mask if n_axis == 0 or mask.ndim == 1 else mask.T)[:, None]
+        full = entry if entry.ndim == 3 else entry[..., None]
+
+        def nonfinite_message(bad):
+            n, _, d = np.argwhere(bad)[0]
+            return (f"observed site {site['name']!r} has NaN/inf at observed entries (first at "
+                    f"data point {n}, dim {d}); mask them out")
+
+        if _is_concrete(x) and _is_concrete(full):
+            bad = ~np.isfinite(np.asarray(xN)) & np.asarray(full)
+            if bad.any():
+                raise ValueError(nonfinite_message(bad))
+        else:
+            _eager.defer_check(~jnp.isfinite(xN) & full, nonfinite_message)
+        xN = jnp.where(full, xN, 0.0)
+        step = entry if entry.ndim == 2 else jnp.any(entry, axis=-1)
+        scale = 1.0 if site["scale"] is None else site["scale"]
+        return _Observed(xN, entry, step, scale, plate_idx, n_axis, 1 - n_axis)
+
     @staticmethod
-    def _block_values(blk, st=None):
-        if st is not None:  # reshape to the model's site shapes (e.g. no [K] axis for an LDS)
-            return [(n, jnp.reshape(v, st.sites[n].shape))
-                    for n, v in SVAEGuide._block_values(blk)]
-        a = jnp.asarray
+    def _block_fields(blk) -> list:
+        """``[(site or None, value)]`` of a block: ``(cov, mean)``, ``(cov, matrix)`` or
+        ``(probs,)``, values as found by the discovery (``[K, ...]`` arrays for the MNIW)."""
+        a = np.asarray
         if hasattr(blk, "site"):
             return [(blk.site, a(blk.value))]
         if hasattr(blk, "matrix_site"):
             return [(blk.cov_site, a(blk.cov_value)), (blk.matrix_site, a(blk.matrix_value))]
         return [(blk.cov_site, a(blk.cov_value)), (blk.mean_site, a(blk.mean_value))]
+
+    @staticmethod
+    def _block_values(blk, st=None) -> list:
+        """``[(site, value)]`` of the block's sites (constants, which have none, left out);
+        with `st`, values in the model's site shapes (e.g. no ``[K]`` axis for an LDS)."""
+        out = [(n, jnp.asarray(v)) for n, v in SVAEGuide._block_fields(blk) if n is not None]
+        if st is not None:
+            out = [(n, jnp.reshape(v, st.sites[n].shape)) for n, v in out]
+        return out
 
     def _obs_site(self, st, tr):
         name = st.obs.name
@@ -528,6 +717,11 @@ class SVAEGuide:
         if _is_concrete(lengths) and (np.any(np.asarray(lengths) < 1)
                                       or np.any(np.asarray(lengths) > T)):
             raise ValueError(f"`lengths` must lie in [1, T = {T}]; got {np.asarray(lengths)}")
+        if not _is_concrete(lengths):
+            _eager.defer_check(
+                (lengths < 1) | (lengths > T),
+                lambda bad: f"`lengths` must lie in [1, T = {T}]; got lengths out of range at "
+                            f"sequences {np.flatnonzero(bad).tolist()}")
         return jnp.arange(T)[None, :] < lengths[:, None]  # [B, T]
 
     def _site_mask(self, site, st, kwargs, plate_idx):
@@ -567,13 +761,17 @@ class SVAEGuide:
         else:
             entry = jnp.transpose(mask, perm[: mask.ndim])
         full = entry if entry.ndim == 3 else entry[..., None]
+        def nonfinite_message(bad):
+            n, t, d = np.argwhere(bad)[0]
+            return (f"observed site {site['name']!r} has NaN/inf at observed entries "
+                    f"(first at sequence {n}, step {t}, dim {d}); mask them out")
+
         if _is_concrete(x) and _is_concrete(full):
             bad = ~np.isfinite(np.asarray(xN)) & np.asarray(full)
             if bad.any():
-                n, t, d = np.argwhere(bad)[0]
-                raise ValueError(
-                    f"observed site {site['name']!r} has NaN/inf at observed entries "
-                    f"(first at sequence {n}, step {t}, dim {d}); mask them out")
+                raise ValueError(nonfinite_message(bad))
+        else:  # checked after a compiled eager call returns (no-op under the caller's jit)
+            _eager.defer_check(~jnp.isfinite(xN) & full, nonfinite_message)
         xN = jnp.where(full, xN, 0.0)
         step = entry if entry.ndim == 2 else jnp.any(entry, axis=-1)
         scale = 1.0 if site["scale"] is None else site["scale"]
@@ -613,16 +811,56 @@ class SVAEGuide:
         key = numpyro.prng_key() if init_key is None else init_key
         keys = jax.random.split(key, B)
 
-        mf, info = _batched_mean_field(R, r, g, obs.step_mask, keys, options=self.options,
-                                       leading=st.leading_regime,
-                                       init_concentration=self.init_concentration,
-                                       random_init=st.K > 1)
-        return _Inference(obs, eta, gkl, g, R, r, mf, info)
+        if st.family in ("hmm", "gmm"):
+            mf, info = _batched_mean_field_iid(R, r, g, obs.step_mask, keys,
+                                               options=self.options, chain=st.family == "hmm",
+                                               init_concentration=self.init_concentration,
+                                               random_init=st.K > 1)
+            return _Inference(obs, eta, gkl, g, R, r, mf, info)
+        warm = None
+        if self.warm_start and st.K > 1:
+            # last step's q(k) per sequence (SVI keeps it in svi_state.mutable_state)
+            T = R.shape[1]
+            Tk = T if st.leading_regime else T - 1
+            dt = R.dtype
+            state = numpyro.primitives.mutable(WARM_START_SITE, {
+                "marginals": jnp.full((st.N, Tk, st.K), 1.0 / st.K, dt),
+                "valid": jnp.zeros((st.N,), bool)})
+            idx = jnp.arange(B) if obs.plate_idx is None else obs.plate_idx
+            init_q = jax.lax.stop_gradient(state["marginals"][idx])
+            mf, info = _batched_mean_field_warm(
+                R, r, g, obs.step_mask, keys, init_q, state["valid"][idx],
+                options=self.options, leading=st.leading_regime,
+                init_concentration=self.init_concentration)
+            new_q = jax.lax.stop_gradient(mf.marginals[:, :Tk])
+            ok = jnp.all(jnp.isfinite(new_q), axis=(1, 2))
+            warm = {
+                "marginals": state["marginals"].at[idx].set(
+                    jnp.where(ok[:, None, None], new_q, init_q).astype(dt)),
+                "valid": state["valid"].at[idx].set(ok | state["valid"][idx]),
+            }
+        else:
+            mf, info = _batched_mean_field(R, r, g, obs.step_mask, keys, options=self.options,
+                                           leading=st.leading_regime,
+                                           init_concentration=self.init_concentration,
+                                           random_init=st.K > 1)
+        if st.dangling_regime:  # the last regime: q = normalised exp(E log P) rows, its KL
+            mf = mf._replace(local_kl=mf.local_kl + _dangling_kl(mf.marginals[:, -1], g.log_P))
+        return _Inference(obs, eta, gkl, g, R, r, mf, info, warm)
 
     # -- NumPyro guide -------------------------------------------------------------------------
 
     def __call__(self, *args, **kwargs):
         """Sample every latent site of the model from q(theta) q(k) q(z)."""
+        if self.compile_eager and _eager.eager_call_possible(args, kwargs):
+            # eager call (SVI.init, ...): discover the structure eagerly (it keeps concrete
+            # prior hyper-parameters), then run the body as one compiled program
+            self._setup(args, kwargs)
+            return _eager.call_compiled(self, self._body, args, kwargs)
+        return self._body(*args, **kwargs)
+
+    def _body(self, *args, **kwargs):
+        """The guide proper (every distribution it emits must be a pytree)."""
         st = self._setup(args, kwargs)
         plate_idx = None
         if st.subsample_size < st.N:
@@ -633,17 +871,17 @@ class SVAEGuide:
         self._sample_globals(st, inf.eta)
         B = inf.R.shape[0]
         kz, kk = jax.random.split(numpyro.prng_key())
-        z = _sample_states(kz, inf.mf)  # [B, T, D]
-        pots = inf.mf.lds_potentials
-        logZ = inf.mf.lds_log_normalizer
         plate = numpyro.plate(st.sequence_plate, st.N, subsample_size=B)
         if plate_idx is not None:
             plate = handlers.substitute(plate, data={st.sequence_plate: plate_idx})
+        if st.family in ("hmm", "gmm"):
+            self._sample_locals_iid(st, inf, plate, kk)
+            return None
+        z = _sample_states(kz, inf.mf)  # [B, T, D]
+        pots = inf.mf.lds_potentials
+        logZ = inf.mf.lds_log_normalizer
 
-        def log_qz(rest):  # rest: [T-1, B, D] -> [B]
-            full = jnp.concatenate([z[:, :1], jnp.swapaxes(rest, 0, 1)], 1)
-            return _lds_log_q(full, pots, logZ)
-
+        log_qz = jax.tree_util.Partial(_chain_log_qz, z[:, :1], pots, logZ)
         with plate:
             numpyro.sample(st.z_init_site, dist.Delta(z[:, 0], event_dim=1))
             numpyro.sample(st.z_site, _ChainDist(jnp.swapaxes(z[:, 1:], 0, 1), log_qz,
@@ -651,17 +889,39 @@ class SVAEGuide:
         if st.family == "slds":
             k, hpots, hlogZ = _sample_regimes(kk, inf.mf, inf.globals, st.leading_regime)
             first = 1 if st.k_init_site is not None else 0
-
-            def log_qk(rest):  # [Tk - first, B] -> [B]
-                full = jnp.concatenate([k[:, :first], jnp.swapaxes(rest, 0, 1)], 1)
-                return _hmm_log_q(full, hpots, hlogZ)
-
+            if st.dangling_regime:  # append the last regime, drawn from its q row
+                k, log_r = _sample_dangling(jax.random.fold_in(kk, 1), k, inf.globals.log_P)
+                log_qk = jax.tree_util.Partial(_chain_log_qk_dangling, k[:, :first], hpots,
+                                               hlogZ, log_r)
+            else:
+                log_qk = jax.tree_util.Partial(_chain_log_qk, k[:, :first], hpots, hlogZ)
             with plate:
                 if first:
                     numpyro.sample(st.k_init_site, dist.Delta(k[:, 0]))
                 numpyro.sample(st.k_site, _ChainDist(jnp.swapaxes(k[:, first:], 0, 1), log_qk,
                                                      event_dim=0, discrete=True))
         return None
+
+    def _sample_locals_iid(self, st, inf, plate, key):
+        """Local sites of an HMM / GMM: q(z_t) independent Gaussians, q(k) an HMM / iid."""
+        mf = inf.mf
+        loc, tril = mf.Ez, psd_cholesky(mf.cov)  # [B, T, D], [B, T, D, D]
+        if st.family == "gmm":
+            with plate:
+                numpyro.sample(st.k_site, dist.Categorical(probs=mf.marginals[:, 0]))
+                numpyro.sample(st.z_site, dist.MultivariateNormal(loc[:, 0], scale_tril=tril[:, 0]))
+            return
+        k, hpots, hlogZ = _sample_regimes_iid(key, mf, inf.globals)  # k [B, T]
+        log_qk = jax.tree_util.Partial(_chain_log_qk, k[:, :1], hpots, hlogZ)
+        sw = lambda a: jnp.swapaxes(a, 0, 1)
+        with plate:
+            numpyro.sample(st.k_init_site, dist.Delta(k[:, 0]))
+            numpyro.sample(st.k_site, _ChainDist(sw(k[:, 1:]), log_qk, event_dim=0,
+                                                 discrete=True))
+            numpyro.sample(st.z_init_site, dist.MultivariateNormal(loc[:, 0],
+                                                                   scale_tril=tril[:, 0]))
+            numpyro.sample(st.z_site, dist.MultivariateNormal(sw(loc[:, 1:]),
+                                                              scale_tril=sw(tril[:, 1:])))
 
     def _record_diagnostics(self, info: FixedPointInfo):
         numpyro.primitives.mutable(DIAGNOSTICS_SITE, _summary(info))
@@ -689,6 +949,12 @@ class SVAEGuide:
             S0 = self._sample_site(st, blk.cov_site, dist.InverseWishart(p.df, p.scale_matrix))
             self._sample_site(st, blk.mean_site,
                               dist.MultivariateNormal(p.loc, covariance_matrix=S0 / p.lam))
+        if "regime_gaussians" in eta:
+            blk = st.regime_gaussians
+            p = niw_to_numpyro(eta["regime_gaussians"])
+            Sig = self._sample_site(st, blk.cov_site, dist.InverseWishart(p.df, p.scale_matrix))
+            self._sample_site(st, blk.mean_site, dist.MultivariateNormal(
+                p.loc, covariance_matrix=Sig / p.lam[..., None, None]))
         if "dynamics" in eta:
             blk = st.dynamics
             p = mniw_to_numpyro(eta["dynamics"])
@@ -706,6 +972,40 @@ class SVAEGuide:
                                   dist.Dirichlet(dirichlet_to_numpyro(eta[name])))
 
     # -- posterior -------------------------------------------------------------------------------
+
+    def sample_posterior(self, rng_key, params: dict, *args, sample_shape: tuple = (),
+                         **kwargs) -> dict:
+        """Draws of every latent site of the model from the guide, as ``AutoGuide`` does.
+
+        Parameters
+        ----------
+        rng_key : jax.random key
+        params : dict
+            Parameter values (``svi.get_params(state)`` / ``SVIRunResult.params``).
+        *args, **kwargs
+            The model's arguments (data included).
+        sample_shape : tuple
+            Leading shape of the draws (``()``: one draw).
+
+        Returns
+        -------
+        dict
+            Site name -> value of shape ``sample_shape + site shape`` (globals, ``z`` and
+            ``k`` chains with the model's layouts).
+        """
+        def one(key):
+            with handlers.trace() as tr, handlers.seed(rng_seed=key), \
+                    handlers.substitute(data=params):
+                self(*args, **kwargs)
+            return {n: s["value"] for n, s in tr.items() if s["type"] == "sample"}
+
+        sample_shape = tuple(sample_shape)
+        if not sample_shape:
+            return one(rng_key)
+        # a loop of eager calls: each reuses the guide's compiled program (`compile_eager`)
+        draws = [one(k) for k in jax.random.split(rng_key, int(np.prod(sample_shape)))]
+        return {k: jnp.stack([d[k] for d in draws]).reshape(sample_shape + draws[0][k].shape)
+                for k in draws[0]}
 
     def posterior(self, params: dict, *args, rng_key=None, **kwargs) -> SVAEPosterior:
         """Variational posterior of the sequences passed (e.g. ``svi.get_params(state)``).
@@ -727,9 +1027,15 @@ class SVAEGuide:
         with handlers.block(), handlers.seed(rng_seed=rng_key), \
                 handlers.substitute(data=params):
             inf = self._infer(args, kwargs)
+        marginals, counts = inf.mf.marginals, inf.mf.trans_counts
+        if self.structure.dangling_regime:  # append q(k_{T-1}) = q(k_{T-2}) r
+            last = marginals[:, -1]  # [N, K]
+            r = jax.nn.softmax(inf.globals.log_P, axis=-1)
+            marginals = jnp.concatenate([marginals, (last @ r)[:, None]], 1)
+            counts = counts + last[:, :, None] * r
         return SVAEPosterior(
-            regime_marginals=inf.mf.marginals,
-            trans_counts=inf.mf.trans_counts,
+            regime_marginals=marginals,
+            trans_counts=counts,
             latent_mean=inf.mf.Ez,
             latent_cov=inf.mf.cov,
             local_kl=inf.mf.local_kl,
@@ -738,6 +1044,29 @@ class SVAEGuide:
             mask=inf.obs.step_mask,
             diagnostics=inf.info,
         )
+
+
+def _call_signature(args: tuple, kwargs: dict):
+    """Hashable shapes-and-static-values signature of a call (None if not hashable)."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    sig = tuple(("array", tuple(np.shape(x)), str(x.dtype)) if hasattr(x, "dtype")
+                and hasattr(x, "shape") else x for x in leaves)
+    try:
+        hash((treedef, sig))
+    except TypeError:
+        return None
+    return treedef, sig
+
+
+def _check_same_globals(first, st) -> None:
+    """Data of another size must give the same global blocks (shared q(theta))."""
+    a = (first.family, first.K, first.D, tuple(sorted(first.latent_sites)))
+    b = (st.family, st.K, st.D, tuple(sorted(st.latent_sites)))
+    if a != b:
+        raise ValueError(
+            "SVAEGuide: these arguments give a model of another shape than the one the guide "
+            f"was set up with (family, K, D, latent sites: {a} vs {b}); use one guide per "
+            "model shape")
 
 
 def _summary(info: FixedPointInfo) -> dict:
@@ -776,6 +1105,79 @@ _batched_mean_field = jax.jit(
     static_argnames=("options", "leading", "init_concentration", "random_init"))
 
 
+def _batched_mean_field_warm_impl(R, r, g, step_mask, keys, init_q, valid, *, options, leading,
+                                  init_concentration):
+    """As `_batched_mean_field_impl`, starting from ``init_q [B, Tk, K]`` where ``valid [B]``
+    (the random initialisation elsewhere)."""
+    K = init_q.shape[-1]
+
+    def one(Rn, rn, mn, kn, qn, vn):
+        alpha = jnp.full((K,), init_concentration, R.dtype)
+        q_rand = jax.random.dirichlet(kn, alpha, shape=qn.shape[:1], dtype=R.dtype)
+        return mf_fixed_point(Rn, rn, g, mask=mn, init_marginals=jnp.where(vn, qn, q_rand),
+                              options=options, leading_regime=leading)
+
+    return jax.vmap(one)(R, r, step_mask, keys, init_q, valid)
+
+
+_batched_mean_field_warm = jax.jit(
+    _batched_mean_field_warm_impl, static_argnames=("options", "leading", "init_concentration"))
+
+
+def _batched_mean_field_iid_impl(R, r, g, step_mask, keys, *, options, chain,
+                                 init_concentration, random_init):
+    T, K = R.shape[1], g.c.shape[0]
+
+    def one(Rn, rn, mn, kn):
+        init = None if random_init else jnp.ones((T, K), rn.dtype)
+        return mf_fixed_point_iid(Rn, rn, g, mask=mn, init_key=kn if random_init else None,
+                                  init_marginals=init, options=options, chain=chain,
+                                  init_concentration=init_concentration)
+
+    return jax.vmap(one)(R, r, step_mask, keys)
+
+
+_batched_mean_field_iid = jax.jit(
+    _batched_mean_field_iid_impl,
+    static_argnames=("options", "chain", "init_concentration", "random_init"))
+
+
+def _iid_regime_log_lik(mf_one: IIDResult, g: IIDGlobalPotentials) -> Array:
+    """``E_q(z)[log N(z_t; mu_k, tau_k^-1)]`` of one sequence, [T, K] (the q(k) potentials)."""
+    return (-0.5 * jnp.einsum("kij,tij->tk", g.J, mf_one.Ezz) + mf_one.Ez @ g.h.T + g.c)
+
+
+@jax.jit
+def _sample_regimes_iid(key, mf, g):
+    """Exact draws from q(k) of an HMM with iid latents: k [B, T], potentials, log Z."""
+    hpots = jax.vmap(lambda m: HMMPotentials(g.log_pi0, g.log_P, _iid_regime_log_lik(m, g)))(mf)
+    B = mf.Ez.shape[0]
+    k = jax.vmap(hmm_sample)(jax.random.split(key, B), hpots)
+    return k, hpots, mf.discrete_log_normalizer
+
+
+def _dangling_kl(q_last: Array, log_P: Array) -> Array:
+    """KL term of a dangling last regime drawn from ``r(j | i) = exp(E log P_ij) / Z_i``:
+    ``-sum_i q(k_{T-2} = i) log Z_i`` per sequence (>= 0; 0 for a point-estimate P).
+
+    q_last [B, K], log_P [K, K] -> [B]."""
+    return -q_last @ jax.scipy.special.logsumexp(log_P, axis=-1)
+
+
+@jax.jit
+def _sample_dangling(key, k, log_P):
+    """Append the dangling regime to k [B, T-1]: k [B, T] and log r [K, K]."""
+    log_r = jax.nn.log_softmax(log_P, axis=-1)
+    last = jax.random.categorical(key, log_r[k[:, -1]])
+    return jnp.concatenate([k, last[:, None].astype(k.dtype)], 1), log_r
+
+
+def _chain_log_qk_dangling(k_first, hpots, hlogZ, log_r, rest):
+    """log q(k) per sequence with a dangling last regime (rest [T - first, B]) -> [B]."""
+    k = jnp.concatenate([k_first, jnp.swapaxes(rest, 0, 1)], 1)
+    return _hmm_log_q(k[:, :-1], hpots, hlogZ) + log_r[k[:, -2], k[:, -1]]
+
+
 def _lds_log_psi(z: Array, pot: LDSPotentials) -> Array:
     """``log psi(z)`` of one chain (design.md, messages.lds), z [T, D] -> []."""
     quad = lambda J, a, b: jnp.einsum("...i,...ij,...j->...", a, J, b)
@@ -796,10 +1198,24 @@ def _lds_log_q(z, pots, logZ):
     return jax.vmap(_lds_log_psi)(z, pots) - logZ
 
 
+def _chain_log_qz(z_first, pots, logZ, rest):
+    """log q(z) per sequence of a chain whose first state is held fixed.
+
+    z_first [B, 1, D], rest [T-1, B, D] (time first, as scan sites) -> [B]."""
+    return _lds_log_q(jnp.concatenate([z_first, jnp.swapaxes(rest, 0, 1)], 1), pots, logZ)
+
+
+def _chain_log_qk(k_first, hpots, hlogZ, rest):
+    """log q(k) per sequence: k_first [B, 0 or 1], rest [Tk - first, B] -> [B]."""
+    return _hmm_log_q(jnp.concatenate([k_first, jnp.swapaxes(rest, 0, 1)], 1), hpots, hlogZ)
+
+
 @jax.jit
 def _sample_states(key, mf):
+    """One reparameterised draw z [B, T, D] from q(z) of every sequence (any family)."""
     B = mf.Ez.shape[0]
-    return jax.vmap(mf_sample)(jax.random.split(key, B), mf)
+    draw = mf_sample_iid if isinstance(mf, IIDResult) else mf_sample
+    return jax.vmap(draw)(jax.random.split(key, B), mf)
 
 
 def _hmm_potentials(g, mf_one: MFResult, leading: bool) -> HMMPotentials:

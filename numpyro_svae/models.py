@@ -1,4 +1,4 @@
-"""Ready-made NumPyro models: the SLDS, LDS and HMM priors with a neural decoder.
+"""Ready-made NumPyro models: the SLDS, LDS, HMM and Gaussian-mixture priors with a neural decoder.
 
 These are ordinary NumPyro models, written exactly as a user would (see
 `docs/model_guide.md`); the command-line tool and the notebooks use them, and they are a
@@ -18,7 +18,7 @@ from numpyro.contrib.control_flow import scan
 
 from . import nn
 
-__all__ = ["slds_model", "lds_model", "hmm_model", "make_model"]
+__all__ = ["slds_model", "lds_model", "hmm_model", "gmm_model", "make_model"]
 
 
 def _observe(name: str, loc, scale, x, mask):
@@ -174,11 +174,63 @@ def hmm_model(
     _observe("x", loc, scale, x, mask)
 
 
-_MODELS: dict[str, Callable] = {"slds": slds_model, "lds": lds_model, "hmm": hmm_model}
+def gmm_model(
+    x=None,
+    *,
+    N: int,
+    Dx: int,
+    K: int = 4,
+    D: int = 4,
+    mask=None,
+    hidden: tuple[int, ...] = (128, 128),
+    concentration: float = 1.0,
+    **unused,
+):
+    """Gaussian mixture prior on one latent per data point, with a neural decoder.
+
+    The SVAE of Johnson et al. (2016): ``w ~ Dirichlet``, ``(mu_k, Sigma_k) ~ NIW``, and for
+    each data point ``k_n ~ Categorical(w)``, ``z_n ~ N(mu_k, Sigma_k)``, ``x_n ~ p(x | z_n)``.
+
+    Parameters
+    ----------
+    x : array [N, Dx] or None
+        Observations (one vector per data point).
+    N, Dx : int
+        Number of data points and observed channels.
+    K, D : int
+        Number of mixture components and latent dimension.
+    mask : array [N] or [N, Dx], optional
+        1 where observed, 0 where missing.
+    hidden : tuple of int
+        Hidden widths of the decoder MLP.
+    concentration : float
+        Symmetric Dirichlet concentration of the weights.
+    """
+    del unused
+    eye = jnp.eye(D)
+    w = numpyro.sample("w", dist.Dirichlet(jnp.full((K,), concentration)))
+    with numpyro.plate("regimes", K):
+        Sig = numpyro.sample("Sigma", dist.InverseWishart(D + 2.0, D * eye))
+        mu = numpyro.sample("mu", dist.MultivariateNormal(jnp.zeros(D), Sig / 0.01))
+    with numpyro.plate("data", N):
+        k = numpyro.sample("k", dist.Categorical(w))
+        z = numpyro.sample("z", dist.MultivariateNormal(mu[k], Sig[k]))
+    loc, scale = nn.decoder("decoder", latent_dim=D, obs_dim=Dx, hidden=hidden)(z)
+    d = dist.Normal(loc, scale)
+    if mask is not None:
+        m = mask if mask.ndim == 2 else mask[..., None]
+        d = d.mask(jnp.broadcast_to(m.astype(bool), loc.shape))
+    with numpyro.plate("data", N):
+        numpyro.sample("x", d.to_event(1), obs=x)
+
+
+_MODELS: dict[str, Callable] = {"slds": slds_model, "lds": lds_model, "hmm": hmm_model,
+                                "gmm": gmm_model}
 
 
 def make_model(family: str) -> Callable:
-    """Return the ready-made model for `family` in {"slds", "lds", "hmm"}."""
+    """Return the ready-made model for `family` in {"slds", "lds", "hmm", "gmm"} (the
+    ``gmm`` model takes ``x [N, Dx]``, the others ``x [N, T, Dx]``)."""
     if family not in _MODELS:
         raise ValueError(f"`family` must be one of {sorted(_MODELS)}; got {family!r}.")
     return _MODELS[family]

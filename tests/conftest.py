@@ -1,7 +1,10 @@
 """Shared fixtures: CPU only, a fresh key per test, optional oracle data paths."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -12,6 +15,18 @@ import pytest  # noqa: E402
 # worker of the 2-core CI machine was seen blocked forever waiting for a result (no
 # callbacks involved; the computation never ran).  Synchronous dispatch removes that path.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+# One persistent XLA cache per test run, shared by the xdist workers (they inherit the
+# variable from the controller, which imports this file first): many tests compile the same
+# programs (same model, same shapes) from different closures, which the in-process jit cache
+# cannot see.  Fresh for every run (no stale cache between runs); set
+# NUMPYRO_SVAE_TEST_JAX_CACHE to keep one across runs.
+if "NUMPYRO_SVAE_TEST_JAX_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="numpyro_svae_jax_cache_")
+    os.environ["NUMPYRO_SVAE_TEST_JAX_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ["NUMPYRO_SVAE_TEST_JAX_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 MOCAP6 = SHARED / "data" / "mocap6"

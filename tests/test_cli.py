@@ -37,6 +37,22 @@ def test_malformed_npz_and_bad_labels_are_reported(tmp_path, capsys):
     assert code == 2 and "`labels`" in err and "[4, 10]" in err
 
 
+def test_npz_nan_frames_become_missing_and_labels_must_be_integers(tmp_path, capsys):
+    x = np.ones((5, 6, 2), np.float32)
+    x[0, 2, 1] = np.nan
+    f = tmp_path / "nan.npz"
+    np.savez(f, x=x, labels=np.zeros((5, 6), np.float32))
+    d = cli._load_file(str(f))
+    assert d.train_labels.dtype.kind == "i" and np.isfinite(d.train_x).all()
+    assert not d.train_mask[0, 2] and d.train_mask.sum() == 4 * 6 - 1
+    np.savez(f, x=x, labels=np.full((5, 6), 0.5))
+    code, err = _run(capsys, ["fit", "--dataset", str(f), "--out", str(tmp_path / "o")])
+    assert code == 2 and "integers" in err
+    code, err = _run(capsys, ["fit", "--dataset", "synthetic", "--K", "0",
+                              "--out", str(tmp_path / "o")])
+    assert code == 2 and "--K must be >= 1" in err
+
+
 def test_mocap6_needs_a_path_and_a_real_folder(tmp_path, capsys):
     code, err = _run(capsys, ["fit", "--dataset", "mocap6", "--out", str(tmp_path / "o")])
     assert code == 2 and "--data-path" in err
@@ -93,3 +109,92 @@ def test_incompatible_checkpoint_names_the_difference(tmp_path):
     with pytest.raises(cli.CLIError, match="shape"):
         cli.load_checkpoint(tmp_path, {"a": jnp.zeros((3, 3)), "b": _state()["b"]},
                             cli.FitConfig(dataset="synthetic", K=3))
+
+
+# ------------------------------------------------------------------------------------------
+# end to end: fit, fit --resume, evaluate on a tiny run (one process: compilations shared)
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny_data(path):
+    from numpyro_svae import datasets
+
+    s = datasets.synthetic_slds(0, num_sequences=4, num_timesteps=20, num_regimes=2,
+                                latent_dim=2, obs_dim=3)
+    np.savez(path, x=np.asarray(s.x, np.float32), labels=np.asarray(s.k))
+
+
+def _leaves(folder):
+    with np.load(folder / "checkpoint.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.slow  # ~200 s on a loaded 2-core machine, mostly XLA compilation
+def test_fit_resume_evaluate_end_to_end(tmp_path, capsys):
+    import arviz as az
+
+    data = tmp_path / "tiny.npz"
+    _tiny_data(data)
+    out = tmp_path / "run"
+    opts = ["--dataset", str(data), "--K", "2", "--D", "2", "--hidden", "8",
+            "--max-iters", "2", "--fast", "--no-progress", "--out", str(out)]
+
+    assert cli.main(["fit", "--steps", "2", *opts]) == 0
+    capsys.readouterr()
+    meta1 = json.loads((out / "checkpoint.json").read_text())
+    ck1 = _leaves(out)
+    assert meta1["step"] == 2 and ck1["losses"].shape == (2,)
+
+    # an incompatible resume fails fast (before any data or compilation) and changes nothing
+    code, err = _run(capsys, ["fit", "--resume", "--steps", "4", *opts[:2], "--K", "3",
+                              *opts[4:]])
+    assert code == 2 and "K: checkpoint 2 vs now 3" in err and err.count("\n") == 1
+    assert json.loads((out / "checkpoint.json").read_text()) == meta1
+
+    assert cli.main(["fit", "--resume", "--steps", "4", *opts]) == 0
+    capsys.readouterr()
+    meta2 = json.loads((out / "checkpoint.json").read_text())
+    ck2 = _leaves(out)
+    assert meta2["step"] == 4 and ck2["losses"].shape == (4,)
+    np.testing.assert_array_equal(ck2["losses"][:2], ck1["losses"])  # the trace grows
+    assert np.all(np.isfinite(ck2["losses"]))
+    changed = [k for k in ck1 if k != "losses" and ck1[k].dtype.kind == "f"
+               and not np.array_equal(ck1[k], ck2[k])]
+    assert changed  # the parameters moved
+    # the optimizer's step counter continued (2 -> 4) rather than restarting
+    counters = [k for k in ck1 if ck1[k].shape == () and ck1[k].dtype.kind in "iu"]
+    assert any(int(ck1[k]) == 2 and int(ck2[k]) == 4 for k in counters)
+    assert not list(tmp_path.glob(".run.partial-*"))
+
+    # the run folder
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("heldout_bound_per_frame", "impute_rmse", "impute_loglik", "ari",
+                 "accuracy", "final_loss"):
+        assert np.isfinite(metrics[name]), name
+    assert metrics["steps"] == 4 and 1 <= metrics["regimes_used"] <= 2
+    report = (out / "report.md").read_text()
+    assert "heldout_bound_per_frame" in report and "steps=4" in report
+    for png in ("elbo.png", "reconstruction.png", "regimes.png", "transition_matrix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"({png})" in report
+    idata = az.from_netcdf(str(out / "posterior.nc"))
+    assert "posterior" in idata.groups() or "posterior" in getattr(idata, "children", {})
+    assert idata["sample_stats"]["loss"].shape == (4,)
+
+    # evaluate recomputes the same held-out metrics
+    code = cli.main(["evaluate", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for name in ("heldout_bound_per_frame", "impute_rmse", "ari", "accuracy"):
+        np.testing.assert_allclose(printed[name], metrics[name], rtol=1e-5)
+
+    # a corrupted checkpoint: one clear line, exit 2, for evaluate and for resume
+    p = out / "checkpoint.npz"
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    for argv in (["evaluate", str(out)], ["fit", "--resume", "--steps", "6", *opts]):
+        code, err = _run(capsys, argv)
+        assert code == 2 and "corrupted" in err and err.count("\n") == 1, argv
+        assert "Traceback" not in err
+    assert (out / "report.md").exists() and not list(tmp_path.glob(".run.partial-*"))

@@ -8,11 +8,12 @@ which has the same fixed points):
 
     (I - dF/domega)^T v = g,       theta_bar = (dF/dtheta)^T v,
 
-solved by damped Richardson iteration (default), GMRES or BiCGSTAB, with ``dF/domega``
-linearised once at ``omega*`` and reused.  The "capped" estimator falls back to ``v = g``
-(the one-step gradient) when the forward did not converge, the relative adjoint residual is
-above ``fallback_residual`` or is NaN (svae_math.md §4.2-4.3).  ``solver="unrolled"`` instead
-differentiates through a ``lax.scan`` of ``max_iters`` block updates (the reference).
+solved by damped Richardson iteration (default), GMRES or BiCGSTAB, with the map linearised
+once at ``omega*`` (jointly in omega and theta) and reused.  The "capped" estimator falls
+back to ``v = g`` (the one-step gradient) when the forward did not converge, the relative
+adjoint residual is above ``fallback_residual`` or is NaN (svae_math.md §4.2-4.3).
+``solver="unrolled"`` instead differentiates through a ``lax.scan`` of ``max_iters`` block
+updates (the reference).
 
 Diagnostics of the backward pass (relative adjoint residual, fallback flag) cannot be
 returned by the forward; they are written into the cotangent of the ``probe`` argument
@@ -179,26 +180,37 @@ def _unrolled(step: Callable, theta, aux, omega0, options: FixedPointOptions):
 # backward solvers on (I - J^T) v = g, J^T given as a function
 
 
-def _richardson(JT: Callable, g, options: FixedPointOptions):
-    a = options.damping
+def _richardson(vjp: Callable, g, theta_like, options: FixedPointOptions):
+    """Damped Richardson on ``(I - J^T) v = g`` with ``vjp(v) = (J^T v, (dF/dtheta)^T v)``.
 
-    def update(v):
-        return _tmap(lambda vi, gi, jv: (1.0 - a) * vi + a * (gi + jv), v, g, JT(v))
+    One evaluation of the joint VJP per iteration serves the update, the exact residual of
+    the evaluated iterate and its ``theta`` cotangent, so the traced graph holds a single
+    transposed copy of the map (compile time) and no extra evaluations follow the loop.
+    Returns the last *evaluated* iterate ``v``, ``(dF/dtheta)^T v``, ``|g + J^T v - v|`` and
+    ``(dF/dtheta)^T g`` (the one-step fallback, from the first iteration, where ``v = g``).
+    """
+    a = options.damping
+    tiny = jnp.finfo(_dtype(g)).tiny
 
     def cond(carry):
-        j, _, change = carry
+        j, *_, change = carry
         return (j < options.adjoint_max_iters) & (change >= options.adjoint_tol)
 
     def body(carry):
-        j, v, _ = carry
-        v_new = update(v)
-        diff = _tmap(jnp.subtract, v_new, v)
-        change = _tnorm(diff) / jnp.maximum(_tnorm(v), jnp.finfo(_dtype(g)).tiny)
-        return j + 1, v_new, change
+        j, v, _, _, _, theta_g, _ = carry
+        w_bar, th_bar = vjp(v)
+        rho = _tmap(lambda gi, jv, vi: gi + jv - vi, g, w_bar, v)
+        rho_norm = _tnorm(rho)
+        v_new = _tmap(lambda vi, ri: vi + a * ri, v, rho)
+        change = a * rho_norm / jnp.maximum(_tnorm(v), tiny)  # |v_new - v| / |v|
+        theta_g = _tselect(j == 0, th_bar, theta_g)
+        return j + 1, v_new, v, th_bar, rho_norm, theta_g, change
 
-    init = (jnp.zeros((), jnp.int32), g, jnp.asarray(jnp.inf, _dtype(g)))
-    _, v, _ = lax.while_loop(cond, body, init)
-    return v
+    zeros = _zeros_like(theta_like)
+    inf = jnp.asarray(jnp.inf, _dtype(g))
+    init = (jnp.zeros((), jnp.int32), g, g, zeros, inf, zeros, inf)
+    _, _, v, theta_v, rho_norm, theta_g, _ = lax.while_loop(cond, body, init)
+    return v, theta_v, rho_norm, theta_g
 
 
 def _dtype(tree):
@@ -234,32 +246,31 @@ def _fp_fwd(step, parallel, theta, aux, omega0, probe, options):
 def _fp_bwd(step, parallel, options, res, cts):
     theta, aux, omega0, probe, omega, converged = res
     g = _finite_or_zero(cts[0])
-    _, JT_vjp = jax.vjp(lambda w: parallel(w, theta, aux), omega)
-
-    def JT(v):
-        return JT_vjp(v)[0]
-
-    if options.solver == "richardson":
-        v = _richardson(JT, g, options)
-    elif options.solver in ("gmres", "bicgstab"):
-        v = _krylov(JT, g, options)
-    else:  # onestep
-        v = g
     dt = _dtype(g)
     g_norm = jnp.maximum(_tnorm(g), jnp.finfo(dt).tiny)
+    # ONE linearisation of the Jacobi map at omega*, in omega and theta jointly
+    _, vjp = jax.vjp(lambda w, th: parallel(w, th, aux), omega, theta)
+
     if options.solver == "onestep":
+        theta_bar = vjp(g)[1]
         rel_res = jnp.zeros((), dt)
         fallback = jnp.zeros((), bool)
     else:
-        rho = _tmap(lambda gi, jv, vi: gi + jv - vi, g, JT(v), v)
-        rel_res = _tnorm(rho) / g_norm
+        if options.solver == "richardson":
+            v, theta_v, rho_norm, theta_g = _richardson(vjp, g, theta, options)
+        else:
+            v = _krylov(lambda u: vjp(u)[0], g, options)
+            w_bar, theta_v = vjp(v)
+            rho_norm = _tnorm(_tmap(lambda gi, jv, vi: gi + jv - vi, g, w_bar, v))
+            theta_g = None
+        rel_res = rho_norm / g_norm
         fallback = (rel_res > options.fallback_residual) | jnp.isnan(rel_res)
         if options.fallback_on_unconverged:
             fallback = fallback | (~converged)
-        v = _tselect(fallback, g, v)
-    v = _finite_or_zero(v)
-    _, theta_vjp = jax.vjp(lambda th: parallel(omega, th, aux), theta)
-    theta_bar = _finite_or_zero(theta_vjp(v)[0])
+        if theta_g is None:  # Krylov: the one-step gradient costs one more VJP
+            theta_g = vjp(g)[1]
+        theta_bar = _tselect(fallback, theta_g, theta_v)
+    theta_bar = _finite_or_zero(theta_bar)
     probe_bar = jnp.stack([rel_res, fallback.astype(dt)]).astype(probe.dtype)
     probe_bar = jnp.broadcast_to(probe_bar, probe.shape) if probe.shape == (2,) else jnp.zeros_like(
         probe

@@ -1,0 +1,496 @@
+"""Real-data evaluation: SLDS-SVAE vs LDS-SVAE vs classical baselines (issue 6).
+
+``python bench/bench_real.py [--mocap6 PATH] [--fast] [--only mocap6|basic_motions]``
+
+Data sets (``numpyro_svae.datasets``; standardised with training statistics):
+
+* ``mocap6`` (``load_mocap6(PATH)``, default ``../shared/data/mocap6`` from the repository
+  root; skipped with a message when absent): the five training trials are cut into windows
+  of ``WINDOW`` frames (stride ``STRIDE``, tails dropped) for *every* model; the held-out
+  trial ``14_14`` (387 frames, 6 exercises) is scored whole.
+* ``basic_motions`` (``load_basic_motions()``): 10 train / 10 test sequences of 400 frames
+  (4 clips of different activities each).
+
+Models, all fitted to the same training frames with the same number of regimes ``K``
+(``CONFIG``): BasicMotions ``K = 4`` (its number of classes); mocap6 ``K = 8``, not the 12
+exercise classes of the training trials, because dynamax's AR-HMM M-step (no prior on the
+regression weights) turns non-finite with ``K = 12`` (and with ``K = 8`` in float32) on these
+1,671 training frames; the HMM baselines are fitted in float64, the SVAEs in float32:
+
+* ``slds_svae`` / ``lds_svae``: ``numpyro_svae.models`` SLDS / LDS with MLP decoder and the
+  CLI's ``build`` (``GaussianPotentialEncoder``, ``SVAEGuide``, ``natural_gradient``,
+  ``SVAE_ELBO``), full-batch SVI for ``steps`` steps;
+* ``arhmm`` / ``gaussian_hmm``: ``numpyro_svae.baselines`` (dynamax 1.0.3 linear AR(1)-HMM and
+  full-covariance Gaussian HMM, MAP-EM from k-means, ``EM_ITERS`` iterations);
+* ``interpolation``: linear interpolation across each gap (imputation only).
+
+Metrics, all on the held-out (test) sequences:
+
+* segmentation: argmax of the SVAE's mean-field ``q(k)`` marginals / the HMMs' Viterbi path
+  against the true labels: adjusted Rand index, accuracy after the best one-to-one label
+  matching (Hungarian), ``regimes_used`` = number of distinct predicted regimes;
+* imputation: ``GAPS_PER_SEQ`` non-overlapping windows of 10-30 frames per test sequence, drawn
+  once per data set (seeded) strictly inside the sequence, hidden from every model;
+  ``impute_rmse`` over the hidden entries (standardised units) and ``impute_loglik`` = mean
+  Gaussian log density per hidden entry with a diagonal predictive variance (SVAEs: mean and
+  variance of ``IMPUTE_SAMPLES`` posterior predictive draws of ``predict.impute``; Gaussian
+  HMM: exact moments of the smoothed-mixture predictive; AR-HMM: moments propagated through
+  the gap with the smoothed regime marginals, the same forward roll as
+  ``baselines.impute``; interpolation: none);
+* ``heldout_bound_per_frame``: log-likelihood of the fully observed test sequences per frame
+  (all channels together): SVAEs ``predict.importance_weighted_bound(...).predictive`` with
+  ``IW_SAMPLES`` samples (a stochastic lower bound on ``log E_q(theta) p(x | theta)``); HMMs the
+  exact marginal likelihood (``baselines.heldout_loglik_per_frame``); interpolation: none.
+
+``seconds`` is the wall time of a model's fit and evaluation (compilation included).  Writes
+``bench/results/real.json`` (rows of other (data set, model) pairs already in the file are
+kept, so ``--only`` / ``--models`` runs update their own rows; ``--fast`` writes nothing
+unless ``--out`` is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro_svae import baselines, cli, datasets, metrics, predict
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_MOCAP6 = ROOT.parent / "shared" / "data" / "mocap6"
+SEED = 0
+METRIC_KEYS = ("ari", "accuracy", "impute_rmse", "impute_loglik", "heldout_bound_per_frame",
+               "regimes_used", "seconds")
+
+# per data set: SVAE sizes and steps, baseline EM iterations, windows and gaps
+CONFIG = {
+    "mocap6": dict(K=8, window=100, stride=50, D=4, hidden=64, steps=500, lr=3e-3,
+                   natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1, gaps_per_seq=5),
+    "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
+                          natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
+                          gaps_per_seq=2),
+}
+IMPUTE_SAMPLES, IW_SAMPLES = 50, 16
+FAST = dict(steps=15, em_iters=5, impute_samples=4, iw_samples=2)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "loadavg_start": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# data and masks
+# ------------------------------------------------------------------------------------------
+
+
+def load(name: str, cfg: dict, mocap6_path: pathlib.Path) -> cli.Data:
+    """Training windows/sequences and whole test sequences as a `cli.Data`."""
+    if name == "mocap6":
+        tr = datasets.load_mocap6(mocap6_path, window=cfg["window"], stride=cfg["stride"],
+                                  drop_remainder=True)
+        te = datasets.load_mocap6(mocap6_path)  # same train statistics, whole test trial
+    else:
+        tr = te = datasets.load_basic_motions()
+    return cli.Data(
+        np.asarray(tr.train_x, np.float32), np.asarray(tr.train_labels),
+        np.asarray(tr.train_mask, bool), np.asarray(te.test_x, np.float32),
+        np.asarray(te.test_labels), np.asarray(te.test_mask, bool), tuple(tr.label_names))
+
+
+def gap_mask(seed: int, valid: np.ndarray, gaps: int, lo: int = 10, hi: int = 30) -> np.ndarray:
+    """[N, T] bool, True = observed: `gaps` non-overlapping windows of lo..hi frames per
+    sequence, inside its real frames, each with an observed frame on both sides."""
+    rng = np.random.default_rng(seed)
+    out = valid.copy()
+    for n in range(valid.shape[0]):
+        length = int(valid[n].sum())  # real frames are a prefix (padding at the end)
+        placed: list[tuple[int, int]] = []
+        tries = 0
+        while len(placed) < gaps:
+            tries += 1
+            if tries > 10000:
+                raise RuntimeError(f"cannot place {gaps} gaps in a sequence of {length}")
+            g = int(rng.integers(lo, hi + 1))
+            s = int(rng.integers(1, length - g))  # frames s .. s+g-1, s >= 1, end < length-1
+            if all(s + g + 1 <= a or b + 1 <= s for a, b in placed):
+                placed.append((s, s + g))
+        for a, b in placed:
+            out[n, a:b] = False
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# scoring helpers
+# ------------------------------------------------------------------------------------------
+
+
+def segmentation(pred: np.ndarray, labels: np.ndarray, valid: np.ndarray, K: int,
+                 num_true: int) -> dict:
+    """pred, labels, valid: [N, T'] (aligned). ARI, accuracy, distinct regimes used."""
+    ok = valid & (labels >= 0)
+    p, t = pred[ok].astype(np.int64), labels[ok].astype(np.int64)
+    return {
+        "ari": float(metrics.adjusted_rand_index(p, t)),
+        "accuracy": float(metrics.best_label_matching(p, t, K, num_true).accuracy),
+        "regimes_used": int(len(np.unique(p))),
+    }
+
+
+def imputation_scores(x, mean, var, observed) -> dict:
+    """RMSE and Gaussian log density per hidden entry (var None: no log density)."""
+    out = {"impute_rmse": float(metrics.masked_rmse(x, mean, observed))}
+    out["impute_loglik"] = None if var is None else float(
+        metrics.gaussian_masked_loglik(x, mean, var, observed))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------
+
+
+def eval_guide(run, fcfg: cli.FitConfig, data: cli.Data, N: int, T: int):
+    """A guide for held-out data of shape [N, T] on the fitted parameters.
+
+    The guide reads its model's structure at the shapes of its first call (training), so
+    other shapes get their own `SVAEGuide` with an encoder of the same architecture (its
+    weights come from the fitted parameters)."""
+    if hasattr(run, "eval_guide"):  # the CLI's own helper, where available
+        return run.eval_guide(N, T)
+    kw = run.model_kwargs
+    if (N, T) == (kw["N"], kw["T"]):
+        return run.guide
+    from numpyro_svae.guide import SVAEGuide
+    from numpyro_svae.nn import GaussianPotentialEncoder
+
+    hidden = (fcfg.hidden, fcfg.hidden)
+    enc = GaussianPotentialEncoder(obs_dim=data.train_x.shape[-1], latent_dim=fcfg.D,
+                                   hidden=hidden, key=jax.random.key(fcfg.seed + 1))
+    return SVAEGuide(run.model, encoder=enc, max_iters=fcfg.max_iters)
+
+
+def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarray,
+             fast: bool, dataset: str) -> tuple[dict, dict]:
+    fcfg = cli.FitConfig(dataset=dataset, family=family, K=K, D=cfg["D"], hidden=cfg["hidden"],
+                         steps=cfg["steps"], seed=SEED, lr=cfg["lr"],
+                         natgrad_lr=cfg["natgrad_lr"], max_iters=cfg["max_iters"])
+    timing = {}
+    t0 = time.time()
+    run = cli.build(fcfg, data)
+    x, kw = data.train_x, run.model_kwargs
+    state = run.svi.init(jax.random.PRNGKey(SEED), x, **kw)
+    timing["init"] = time.time() - t0
+    update = jax.jit(lambda s: run.svi.update(s, x, **kw))
+    steps = FAST["steps"] if fast else cfg["steps"]
+    warm = min(int(cfg.get("kl_warmup_steps", 0)), steps)
+    if warm:  # first `warm` steps with the local KL down-weighted (a second compilation)
+        from numpyro.infer import SVI
+
+        from numpyro_svae.elbo import SVAE_ELBO
+
+        svi_w = SVI(run.model, run.guide, run.svi.optim,
+                    loss=SVAE_ELBO(local_kl_weight=cfg["kl_warmup_weight"]))
+        # share what SVI.init set up (no second eager initialisation)
+        svi_w.constrain_fn, svi_w.static_kwargs = run.svi.constrain_fn, run.svi.static_kwargs
+        update_w = jax.jit(lambda s: svi_w.update(s, x, **kw))
+    losses = np.empty(steps)
+    t1 = time.time()
+    for i in range(steps):
+        state, loss = (update_w if i < warm else update)(state)
+        losses[i] = float(loss)
+        if i == 0:
+            timing["compile_first_step"] = time.time() - t1
+            t1 = time.time()
+        if i % 50 == 0 or i == steps - 1:
+            log(f"  {family} step {i}: loss {losses[i]:.6g}")
+    timing["steps"] = time.time() - t1
+    timing["seconds_per_step"] = timing["steps"] / max(steps - 1, 1)
+    if not np.isfinite(losses[-1]):
+        raise RuntimeError(f"{family}_svae diverged on {dataset}")
+    params = run.svi.get_params(state)
+
+    N, T, _ = data.test_x.shape
+    other = {k: v for k, v in kw.items() if k != "mask"}
+    other.update(N=N, T=T)
+    guide = eval_guide(run, fcfg, data, N, T)
+    row: dict = {}
+    t2 = time.time()
+    if family == "slds":
+        post = guide.posterior(params, data.test_x, mask=data.test_mask, **other)
+        marg = np.asarray(post.regime_marginals)  # [N, Tk, K]
+        Tk = marg.shape[1]
+        row.update(segmentation(marg.argmax(-1), data.test_labels[:, -Tk:],
+                                data.test_mask[:, -Tk:], K, len(data.label_names)))
+    else:
+        row.update(ari=None, accuracy=None, regimes_used=1)
+    timing["eval_segmentation"] = time.time() - t2
+    t2 = time.time()
+    S = FAST["impute_samples"] if fast else IMPUTE_SAMPLES
+    imp = predict.impute(guide, params, data.test_x, observed, num_samples=S,
+                         rng_key=jax.random.key(SEED + 10), **other)
+    samples = np.asarray(imp.samples, np.float64)
+    row.update(imputation_scores(data.test_x, np.asarray(imp.mean), samples.var(0) + 1e-6,
+                                 observed | ~data.test_mask))
+    timing["eval_impute"] = time.time() - t2
+    t2 = time.time()
+    S = FAST["iw_samples"] if fast else IW_SAMPLES
+    iw = predict.importance_weighted_bound(guide, params, data.test_x, num_samples=S,
+                                           rng_key=jax.random.key(SEED + 20),
+                                           mask=data.test_mask, **other)
+    row["heldout_bound_per_frame"] = float(
+        np.sum(np.asarray(iw.predictive)) / np.sum(np.asarray(iw.frames)))
+    timing["eval_iw_bound"] = time.time() - t2
+    timing["final_loss"] = float(losses[-1])
+    timing["loss_every_50"] = [float(v) for v in losses[::50]]
+    return row, timing
+
+
+def _hmm_gap_moments(fit: baselines.HMMBaselineFit, x: np.ndarray, observed: np.ndarray):
+    """Predictive mean and diagonal variance [N, T, Dx] of every frame given the observed
+    frames (observed frames: the data, variance 1 placeholder, never scored)."""
+    from dynamax import hidden_markov_model as hmm
+
+    xj = jnp.where(jnp.asarray(observed)[..., None], jnp.asarray(x), 0.0)
+    q = np.asarray(baselines._per_sequence(  # masked frames get log-likelihood 0
+        lambda i, t, ll: hmm.hmm_smoother(i, t, ll).smoothed_probs, fit, xj,
+        jnp.asarray(observed)), np.float64)  # [N, T, K]
+    em = fit.params.emissions
+    covs = np.asarray(em.covs, np.float64)  # [K, Dx, Dx]
+    x64 = np.asarray(x, np.float64)
+    mean = x64.copy()
+    var = np.ones_like(x64)
+    if fit.num_lags == 0:
+        mu = np.asarray(em.means, np.float64)  # [K, Dx]
+        m = q @ mu
+        second = q @ (np.diagonal(covs, axis1=1, axis2=2) + mu**2)
+        hid = ~observed
+        mean[hid] = m[hid]
+        var[hid] = (second - m**2)[hid]
+        return mean, np.maximum(var, 1e-9)
+    if fit.num_lags != 1:
+        raise NotImplementedError("moment propagation is written for AR(1)")
+    W = np.asarray(em.weights, np.float64)  # [K, Dx, Dx]
+    b = np.asarray(em.biases, np.float64)  # [K, Dx]
+    Dx = x.shape[-1]
+    for n in range(x.shape[0]):
+        first = int(np.argmax(observed[n]))
+        m_prev, V_prev = x64[n, first], np.zeros((Dx, Dx))
+        for t in range(x.shape[1]):
+            if observed[n, t]:
+                m_prev, V_prev = x64[n, t], np.zeros((Dx, Dx))
+                continue
+            mk = np.einsum("kij,j->ki", W, m_prev) + b  # [K, Dx]
+            Ck = np.einsum("kij,jl,kml->kim", W, V_prev, W) + covs  # [K, Dx, Dx]
+            qt = q[n, t]
+            m = qt @ mk
+            V = np.einsum("k,kij->ij", qt, Ck + mk[:, :, None] * mk[:, None, :]) \
+                - np.outer(m, m)
+            mean[n, t], var[n, t] = m, np.diag(V)
+            m_prev, V_prev = m, V
+    return mean, np.maximum(var, 1e-9)
+
+
+def run_hmm(kind: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarray,
+            fast: bool) -> tuple[dict, dict]:
+    timing = {}
+    iters = FAST["em_iters"] if fast else cfg["em_iters"]
+    t0 = time.time()
+    key = jax.random.key(SEED)
+    # float64: the AR-HMM's M-step (no prior on the regression weights) turns non-finite in
+    # float32 for K = 8 on mocap6; the baselines are numpy-output evaluation tools
+    x = jnp.asarray(data.train_x, jnp.float64)
+    if kind == "arhmm":
+        fit = baselines.fit_arhmm(x, K, key=key, num_lags=cfg["num_lags"], num_iters=iters)
+    else:
+        fit = baselines.fit_gaussian_hmm(x, K, key=key, num_iters=iters)
+    lp = np.asarray(fit.log_probs)
+    timing["fit"] = time.time() - t0
+    timing["em_log_prob_first_last"] = [float(lp[0]), float(lp[-1])]
+    if not np.all(np.isfinite(np.asarray(fit.params.emissions.covs))):
+        raise RuntimeError(f"{kind} EM produced non-finite parameters")
+    t1 = time.time()
+    row: dict = {}
+    data = data._replace(test_x=np.asarray(data.test_x, np.float64))
+    pred = baselines.segment(fit, data.test_x)
+    row.update(segmentation(pred, data.test_labels, data.test_mask, K, len(data.label_names)))
+    filled = baselines.impute(fit, data.test_x, observed)
+    _, var = _hmm_gap_moments(fit, data.test_x, observed)
+    row.update(imputation_scores(data.test_x, filled, var, observed | ~data.test_mask))
+    if bool(np.all(data.test_mask)):
+        row["heldout_bound_per_frame"] = float(baselines.heldout_loglik_per_frame(
+            fit, data.test_x))
+    else:  # padded test sequences: heldout_loglik_per_frame has no mask
+        row["heldout_bound_per_frame"] = None
+    timing["eval"] = time.time() - t1
+    return row, timing
+
+
+def run_interpolation(data: cli.Data, observed: np.ndarray) -> tuple[dict, dict]:
+    t0 = time.time()
+    filled = baselines.interpolate(data.test_x, observed)
+    row = dict(ari=None, accuracy=None, regimes_used=None, heldout_bound_per_frame=None)
+    row.update(imputation_scores(data.test_x, filled, None, observed | ~data.test_mask))
+    return row, {"eval": time.time() - t0}
+
+
+# ------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------
+
+MODELS = ("slds_svae", "lds_svae", "arhmm", "gaussian_hmm", "interpolation")
+
+
+def run_dataset(name: str, mocap6_path: pathlib.Path, fast: bool, models) -> dict:
+    cfg = dict(CONFIG[name])
+    data = load(name, cfg, mocap6_path)
+    K = cfg["K"]
+    num_classes = int(len(np.unique(data.train_labels[data.train_labels >= 0])))
+    observed = gap_mask(SEED + (1 if name == "mocap6" else 2), data.test_mask,
+                        cfg["gaps_per_seq"]) & data.test_mask
+    hidden = int((data.test_mask & ~observed).sum())
+    log(f"{name}: train {list(data.train_x.shape)}, test {list(data.test_x.shape)}, K = {K}, "
+        f"{hidden} hidden test frames in {cfg['gaps_per_seq']} gaps per sequence")
+    rows, timings = [], {}
+    for model in models:
+        log(f"{name} / {model} ...")
+        t0 = time.time()
+        if model.endswith("_svae"):
+            row, timing = run_svae(model.split("_")[0], data, K, cfg, observed, fast, name)
+        elif model == "interpolation":
+            row, timing = run_interpolation(data, observed)
+        else:
+            with jax.enable_x64(True):
+                row, timing = run_hmm(model, data, K, cfg, observed, fast)
+        seconds = time.time() - t0
+        full = {"dataset": name, "model": model}
+        full.update({k: row.get(k) for k in METRIC_KEYS if k != "seconds"})
+        full["seconds"] = round(seconds, 1)
+        rows.append(full)
+        timings[model] = {k: (round(v, 2) if isinstance(v, float) else v)
+                          for k, v in timing.items()}
+        timings[model]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+        log(f"{name} / {model}: {json.dumps(full)}")
+    cfg.update(train_classes=num_classes, seed=SEED, impute_samples=IMPUTE_SAMPLES,
+               iw_samples=IW_SAMPLES,
+               train_shape=list(data.train_x.shape), test_shape=list(data.test_x.shape),
+               hidden_test_frames=hidden, gap_lengths="10-30", fast=fast)
+    if fast:
+        cfg.update(FAST)
+    return {"rows": rows, "config": cfg, "timings": timings}
+
+
+def targets(rows: list[dict]) -> dict:
+    by = {r["model"]: r for r in rows if r["dataset"] == "mocap6"}
+    if "slds_svae" not in by:
+        return {}
+    s = by["slds_svae"]
+    out = {}
+    if "arhmm" in by:
+        out["mocap6_ari_slds_ge_arhmm"] = bool(s["ari"] >= by["arhmm"]["ari"])
+    for other in ("lds_svae", "interpolation"):
+        if other in by:
+            out[f"mocap6_rmse_slds_lt_{other}"] = bool(
+                s["impute_rmse"] < by[other]["impute_rmse"])
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    def f(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = ["| dataset | model | ARI | accuracy | impute RMSE | impute loglik | "
+             "held-out bound / frame | regimes used | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['model']} | {f(r['ari'], '.3f')} | "
+            f"{f(r['accuracy'], '.3f')} | {f(r['impute_rmse'], '.3f')} | "
+            f"{f(r['impute_loglik'], '.3f')} | {f(r['heldout_bound_per_frame'], '.2f')} | "
+            f"{f(r['regimes_used'], 'd')} | {f(r['seconds'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mocap6", default=str(DEFAULT_MOCAP6), help="mocap6 folder")
+    p.add_argument("--fast", action="store_true", help="smoke run (few steps; no file)")
+    p.add_argument("--only", choices=sorted(CONFIG), default=None)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    p.add_argument("--out", default=None, help="results file (default bench/results/real.json)")
+    p.add_argument("--kl-warmup", type=int, default=0, metavar="STEPS",
+                   help="SVAEs: first STEPS steps with SVAE_ELBO(local_kl_weight=W) (default 0; "
+                        "the loss logged then is the weighted one)")
+    p.add_argument("--kl-warmup-weight", type=float, default=0.1, metavar="W")
+    args = p.parse_args(argv)
+    for c in CONFIG.values():
+        c.update(kl_warmup_steps=args.kl_warmup, kl_warmup_weight=args.kl_warmup_weight)
+    models = [m for m in args.models.split(",") if m]
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        p.error(f"unknown models {bad}; choose from {MODELS}")
+    out = pathlib.Path(args.out) if args.out else (
+        None if args.fast else ROOT / "bench" / "results" / "real.json")
+    mocap6_path = pathlib.Path(args.mocap6)
+    names = [args.only] if args.only else list(CONFIG)
+    info = machine()
+    t_start = time.time()
+    results, skipped = {}, {}
+    for name in names:
+        if name == "mocap6" and not mocap6_path.exists():
+            msg = f"mocap6 folder {str(mocap6_path)!r} not found: skipping mocap6"
+            log(msg)
+            skipped[name] = msg
+            continue
+        results[name] = run_dataset(name, mocap6_path, args.fast, models)
+    info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    info["total_seconds"] = round(time.time() - t_start, 1)
+    rows = [r for res in results.values() for r in res["rows"]]
+    print(table(rows))
+    print(json.dumps({"targets": targets(rows), "total_seconds": info["total_seconds"]}))
+    if out is None:
+        return 0
+    doc = {"rows": [], "runs": {}}
+    if out.exists():
+        try:
+            doc = json.loads(out.read_text())
+        except json.JSONDecodeError:
+            pass
+    new = {(r["dataset"], r["model"]) for r in rows}
+    kept = [r for r in doc.get("rows", []) if (r["dataset"], r["model"]) not in new]
+    doc["rows"] = sorted(kept + rows, key=lambda r: (r["dataset"] != "mocap6",
+                                                     MODELS.index(r["model"])))
+    runs = doc.get("runs", {})
+    for name, res in results.items():
+        timings = dict(runs.get(name, {}).get("timings", {}), **res["timings"])
+        runs[name] = {"config": res["config"], "timings": timings, "machine": info}
+    doc["runs"] = runs
+    doc["skipped"] = skipped
+    doc["targets"] = targets(doc["rows"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
