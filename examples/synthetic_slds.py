@@ -2,8 +2,11 @@
 
     python examples/synthetic_slds.py --steps 1500
 
-A small natural-gradient step (0.05) matters: with 0.3 q(theta) converges before the encoder
-has learnt anything and two regimes merge (accuracy ~0.82 instead of ~0.99).
+A small natural-gradient step matters: with 0.3 q(theta) converges before the encoder has
+learnt anything and two regimes merge (accuracy ~0.82 instead of ~0.99).  The result is
+seed-sensitive: with seed 0, natgrad_lr 0.02 gives 0.988 (0.05 gave 0.76-0.98 depending on
+the random-number stream of the initialisation); the data of seeds 1 and 2 end with two
+regimes merged (~0.65 / ~0.77) at either rate.
 
 The model is the ARCHITECTURE.md SLDS (leading regime ``k0``; regime ``k_t`` drives
 ``z_{t-1} -> z_t``), with a nonlinear MLP decoder; the data come from
@@ -65,7 +68,7 @@ def slds(x=None, *, N, T, K=3, D=2, Dx=10, hidden=(64,)):
 
 
 def run(*, steps: int = 1500, N: int = 16, T: int = 60, K: int = 3, D: int = 2, Dx: int = 10,
-        seed: int = 0, natgrad_lr: float = 0.05, net_lr: float = 5e-3, progress_bar: bool = False,
+        seed: int = 0, natgrad_lr: float = 0.02, net_lr: float = 5e-3, progress_bar: bool = False,
         verbose: bool = True) -> dict:
     """Train and evaluate; returns ``elbo_first``, ``elbo_last``, ``accuracy``, ``seconds``."""
     data = synthetic_slds(seed, num_sequences=N, num_timesteps=T, num_regimes=K, latent_dim=D,

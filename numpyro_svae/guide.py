@@ -363,20 +363,29 @@ class SVAEGuide:
 
         The q(theta) and encoder parameters are shared: data of another size (held-out
         sequences, another T) gets its own structure, which must have the same globals."""
-        sig = _call_signature(args, kwargs)
+        # `lengths` never changes the model's shape; leave it out of the signature
+        sig = _call_signature(args, {k: v for k, v in kwargs.items() if k != "lengths"})
         st = self._structures.get(sig) if sig is not None else None
         if st is None and sig is None and self._structure is not None:
             return self._structure  # unhashable static argument: the last structure
         if st is None:
             from numpyro_svae.structure import discover_structure
 
-            with handlers.block():  # hide the discovery trace from the caller's handlers
-                st = discover_structure(self.model, *args, **self._model_kwargs(kwargs))
+            first = next(iter(self._structures.values()), None)
+            try:
+                with handlers.block():  # hide the discovery trace from the caller's handlers
+                    st = discover_structure(self.model, *args, **self._model_kwargs(kwargs))
+            except Exception:
+                if first is None:
+                    raise
+                # e.g. a mask of the wrong shape: keep the known structure, so that the
+                # data pass reports the argument at fault
+                self._structure = first
+                return first
             if st.family not in ("slds", "lds", "hmm", "gmm"):
                 raise NotImplementedError(
                     f"SVAEGuide supports SLDS / LDS / HMM / GMM models; the model is a "
                     f"{st.family!r}")
-            first = next(iter(self._structures.values()), None)
             if first is None:
                 self._param_constraints = self._read_param_constraints(st, args, kwargs)
             else:
@@ -637,12 +646,7 @@ class SVAEGuide:
             return (f"observed site {site['name']!r} has NaN/inf at observed entries (first at "
                     f"data point {n}, dim {d}); mask them out")
 
-        if _is_concrete(x) and _is_concrete(full):
-            bad = ~np.isfinite(np.asarray(xN)) & np.asarray(full)
-            if bad.any():
-                raise ValueError(nonfinite_message(bad))
-        else:
-            _eager.defer_check(~jnp.isfinite(xN) & full, nonfinite_message)
+        _check_finite(x, xN, full, nonfinite_message)
         xN = jnp.where(full, xN, 0.0)
         step = entry if entry.ndim == 2 else jnp.any(entry, axis=-1)
         scale = 1.0 if site["scale"] is None else site["scale"]
@@ -761,17 +765,13 @@ class SVAEGuide:
         else:
             entry = jnp.transpose(mask, perm[: mask.ndim])
         full = entry if entry.ndim == 3 else entry[..., None]
+
         def nonfinite_message(bad):
             n, t, d = np.argwhere(bad)[0]
             return (f"observed site {site['name']!r} has NaN/inf at observed entries "
                     f"(first at sequence {n}, step {t}, dim {d}); mask them out")
 
-        if _is_concrete(x) and _is_concrete(full):
-            bad = ~np.isfinite(np.asarray(xN)) & np.asarray(full)
-            if bad.any():
-                raise ValueError(nonfinite_message(bad))
-        else:  # checked after a compiled eager call returns (no-op under the caller's jit)
-            _eager.defer_check(~jnp.isfinite(xN) & full, nonfinite_message)
+        _check_finite(x, xN, full, nonfinite_message)
         xN = jnp.where(full, xN, 0.0)
         step = entry if entry.ndim == 2 else jnp.any(entry, axis=-1)
         scale = 1.0 if site["scale"] is None else site["scale"]
@@ -1044,6 +1044,17 @@ class SVAEGuide:
             mask=inf.obs.step_mask,
             diagnostics=inf.info,
         )
+
+
+def _check_finite(x, xN, full, message) -> None:
+    """NaN/inf at observed entries: raise now (concrete data) or after a compiled eager call
+    returns (`_eager.defer_check`; a no-op under the caller's jit)."""
+    if _is_concrete(x) and _is_concrete(full):
+        bad = ~np.isfinite(np.asarray(xN)) & np.asarray(full)
+        if bad.any():
+            raise ValueError(message(bad))
+    else:
+        _eager.defer_check(~jnp.isfinite(xN) & full, message)
 
 
 def _call_signature(args: tuple, kwargs: dict):

@@ -153,7 +153,9 @@ def test_synthetic_slds_regime_accuracy_matches_truth():
     spec = importlib.util.spec_from_file_location("synthetic_slds_example", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    out = ex.run(steps=1500, verbose=False)  # measured: accuracy 0.986, ELBO -666 -> 422
+    # measured: accuracy 0.988, ELBO -643 -> 422 per sequence (seed 0; seed-sensitive, see
+    # the example's docstring)
+    out = ex.run(steps=1500, verbose=False)
     assert out["elbo_last"] > out["elbo_first"]
     assert out["accuracy"] >= 0.9, out
 
