@@ -169,6 +169,22 @@ def call_compiled(owner, body: Callable, args: tuple, kwargs: dict):
     if variant is None:
         variant = cache[sig] = _Compiled(body, treedef, static, dyn_pos)
 
+    if variant.sites is not None and _probe_safe():
+        # known sites: when the caller substitutes every parameter (sample_posterior,
+        # SVI.init(init_params=...)), one run with the caller's values is enough
+        params = {s["name"]: _outer_value("param", s["name"]) for s in variant.sites
+                  if s["type"] == "param"}
+        if all(v is not None for v in params.values()):
+            values = {s["name"]: _outer_value("sample", s["name"]) for s in variant.sites
+                      if s["type"] == "sample"}
+            values = {k: v for k, v in values.items() if v is not None}
+            out = variant(key, {**params, **values}, dyn)
+            for site, value in zip(variant.sites, out, strict=True):
+                if site["type"] == "param":
+                    numpyro.param(site["name"], lambda _key, v=value: v, **site["kwargs"])
+            _replay(variant.sites, out)
+            return None
+
     out = variant(key, {}, dyn)
     sites = variant.sites
     resolved, overridden = {}, False
@@ -183,7 +199,7 @@ def call_compiled(owner, body: Callable, args: tuple, kwargs: dict):
     values = {}
     for site, value in zip(sites, out, strict=True):
         if site["type"] == "sample":
-            got = _outer_value(site["name"], value[1])
+            got = _outer_value("sample", site["name"], value[1])
             if got is not None:
                 values[site["name"]] = got
     if overridden or values:
@@ -196,12 +212,24 @@ def call_compiled(owner, body: Callable, args: tuple, kwargs: dict):
 _VALUE_HANDLERS = (handlers.substitute, handlers.replay, handlers.condition)
 
 
-def _outer_value(name: str, fn):
-    """The value the caller's handler stack would give sample site `name` (None: sampled).
+def _probe_safe() -> bool:
+    """True when every value-setting handler of the caller reads a dict or a trace (no
+    user function that might inspect the probe message's distribution)."""
+    for h in _PYRO_STACK:
+        if isinstance(h, handlers.substitute) and h.substitute_fn is not None:
+            return False
+        if isinstance(h, handlers.condition) and h.condition_fn is not None:
+            return False
+    return True
+
+
+def _outer_value(kind: str, name: str, fn=None):
+    """The value the caller's handler stack would give site `name` of type `kind` (``sample``
+    or ``param``; None: not imposed).
 
     Runs the (side-effect free) ``process_message`` of the value-setting handlers on a probe
     message, innermost first, stopping at a ``block`` that hides the site."""
-    msg = {"type": "sample", "name": name, "fn": fn, "args": (), "kwargs": {"rng_key": None},
+    msg = {"type": kind, "name": name, "fn": fn, "args": (), "kwargs": {"rng_key": None},
            "value": None, "scale": None, "is_observed": False, "intermediates": [],
            "cond_indep_stack": [], "infer": {}}
     for h in reversed(_PYRO_STACK):
