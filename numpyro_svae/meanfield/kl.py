@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from numpyro_svae.messages.lds import LDSPotentials, lds_sample
+from numpyro_svae.messages.lds import LDSPotentials, lds_sample, lds_sample_from
 
 Array = jax.Array
 
@@ -123,9 +123,11 @@ def iid_local_kl(
 def mf_sample(key: Array, result, *, num_samples: int | None = None) -> Array:
     """Reparameterised draw ``z ~ q(z)`` from a mean-field result.
 
-    Runs forward-filter backward-sample on ``result.lds_potentials`` (the chain built from the
+    Forward-filter backward-sample on ``result.lds_potentials`` (the chain built from the
     final regime marginals, masked encoder potentials included), so gradients flow to the
     encoder potentials, the globals and, through the fixed point, to everything it depends on.
+    When ``result.sampler`` holds the final pass's filter kernels (`mf_fixed_point` sets them)
+    only the backward sampling runs; the draw is the same for the same key.
 
     Parameters
     ----------
@@ -141,5 +143,7 @@ def mf_sample(key: Array, result, *, num_samples: int | None = None) -> Array:
     Array
         ``[T, D]`` or ``[S, T, D]``.
     """
+    if getattr(result, "sampler", None) is not None:  # the final pass's filter kernels
+        return lds_sample_from(key, result.sampler, num_samples=num_samples)
     pot: LDSPotentials = result.lds_potentials
     return lds_sample(key, pot, None, num_samples=num_samples)

@@ -32,7 +32,12 @@ from numpyro_svae.meanfield.potentials import (
     validate_globals,
 )
 from numpyro_svae.messages.hmm import HMMPotentials, hmm_smoother
-from numpyro_svae.messages.lds import LDSPotentials, lds_smoother
+from numpyro_svae.messages.lds import (
+    LDSPotentials,
+    LDSSampler,
+    lds_smoother,
+    lds_smoother_with_sampler,
+)
 
 Array = jax.Array
 
@@ -65,6 +70,7 @@ class MFResult(NamedTuple):
     surrogate: Array  # []  local_kl - E_q sum_t log l_phi(z_t)  (= minus the inner objective)
     used_marginals: Array  # [Tk, K] the q(k) that built q(z)
     lds_potentials: LDSPotentials  # q(z)'s chain (masked encoder potentials included)
+    sampler: LDSSampler | None = None  # backward-sampling kernels of that chain (mf_sample)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +87,15 @@ def _lds_block(q: Array, R: Array, r: Array, g: SLDSGlobalPotentials, leading: b
     qt = q[1:] if leading else q
     pot, _ = hmm_to_lds_potentials(qt, g, R, r)
     return pot, lds_smoother(pot)
+
+
+def _final_lds_block(q, R, r, g: SLDSGlobalPotentials, leading: bool):
+    """`_lds_block` that also keeps the filter's sampling kernels (the ELBO's z draw then
+    needs no second filter: fewer smoother copies for XLA to compile, less work per step)."""
+    qt = q[1:] if leading else q
+    pot, _ = hmm_to_lds_potentials(qt, g, R, r)
+    post, sampler = lds_smoother_with_sampler(pot)
+    return pot, post, sampler
 
 
 def _hmm_block(Ez, Ezz, Ezz_next, g: SLDSGlobalPotentials, leading: bool, pairwise=False):
@@ -253,14 +268,14 @@ def mf_fixed_point(
 
     if K == 1:
         q = jnp.ones((Tk, 1), dtype)
-        pot, post = _lds_block(q, Rm, rm, g, leading_regime)
+        pot, post, sampler = _final_lds_block(q, Rm, rm, g, leading_regime)
         const = g.c_init + (T - 1) * g.c[0]
         enc = encoder_expected_log_potential(Rm, rm, post.Ez, post.Ezz)
         kl = enc - post.log_normalizer - const
         zero = jnp.zeros((), dtype)
         res = MFResult(post.Ez, post.Ezz, post.Ezz_next, post.cov, q,
                        jnp.full((1, 1), Tk - 1, dtype), post.log_normalizer, zero, kl,
-                       kl - enc, q, pot)
+                       kl - enc, q, pot, sampler)
         info = FixedPointInfo(jnp.ones((), jnp.int32), jnp.ones((), bool), zero, zero,
                               jnp.zeros((), bool))
         return res, info
@@ -279,7 +294,7 @@ def mf_fixed_point(
 
     # the final, differentiable block update from the fixed-point q(k)
     q_used = omega.marginals
-    pot, post = _lds_block(q_used, Rm, rm, g, leading_regime)
+    pot, post, sampler = _final_lds_block(q_used, Rm, rm, g, leading_regime)
     eta, hmm = _hmm_block(post.Ez, post.Ezz, post.Ezz_next, g, leading_regime)
     kl = _kl(post, eta, q_used, hmm.log_normalizer, Rm, rm, g, leading_regime)
     enc = encoder_expected_log_potential(Rm, rm, post.Ez, post.Ezz)
@@ -296,6 +311,7 @@ def mf_fixed_point(
         surrogate=kl - enc,
         used_marginals=q_used,
         lds_potentials=pot,
+        sampler=sampler,
     )
     return res, info
 

@@ -14,13 +14,16 @@ from numpyro_svae.messages.hmm import (
 from numpyro_svae.messages.lds import (
     LDSPosterior,
     LDSPotentials,
+    LDSSampler,
     lds_expected_stats_by_grad,
     lds_filter,
     lds_log_normalizer,
     lds_sample,
+    lds_sample_from,
     lds_smoother,
     lds_smoother_parallel,
     lds_smoother_sequential,
+    lds_smoother_with_sampler,
 )
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "HMMPotentials",
     "LDSPosterior",
     "LDSPotentials",
+    "LDSSampler",
     "hmm_expected_stats_by_grad",
     "hmm_filter",
     "hmm_log_normalizer",
@@ -39,6 +43,8 @@ __all__ = [
     "lds_filter",
     "lds_log_normalizer",
     "lds_sample",
+    "lds_sample_from",
+    "lds_smoother_with_sampler",
     "lds_smoother",
     "lds_smoother_parallel",
     "lds_smoother_sequential",

@@ -64,6 +64,9 @@ __all__ = [
     "lds_smoother_sequential",
     "lds_smoother_parallel",
     "lds_sample",
+    "LDSSampler",
+    "lds_smoother_with_sampler",
+    "lds_sample_from",
     "lds_expected_stats_by_grad",
 ]
 
@@ -92,6 +95,20 @@ class LDSPosterior(NamedTuple):
     cov: Array  # [T, D, D]   Cov[z_t]
     filtered_J: Array  # [T, D, D]   filtered precision of z_t given steps <= t
     filtered_h: Array  # [T, D]
+
+
+class LDSSampler(NamedTuple):
+    """Backward-sampling kernels of a chain, left over by its forward filter.
+
+    ``z_T = L_T^{-T}(v_T + eps_T)`` and ``z_t = L_t^{-T}(w_t + W_t z_{t+1} + eps_t)`` with
+    ``P_t = Jf_t + J11_t = L_t L_t'``: one reverse scan, no second filter.
+    """
+
+    L: Array  # [T-1, D, D] Cholesky of P_t = Jf_t + J11_t
+    W: Array  # [T-1, D, D] L_t^{-1} J12_t
+    w: Array  # [T-1, D]    L_t^{-1} (hf_t + h1_t)
+    L_T: Array  # [D, D]    Cholesky of the last filtered precision Jf_T
+    v_T: Array  # [D]       L_T^{-1} hf_T
 
 
 class _Canon(NamedTuple):
@@ -813,25 +830,88 @@ def lds_sample(
     return _sample_jit(key, potentials, mask, num_samples, _resolve("auto"))
 
 
-@partial(jax.jit, static_argnums=(3, 4))
-def _sample_jit(key, potentials: LDSPotentials, mask, num_samples, method: str) -> Array:
-    c = _canonical(potentials, mask)
-    f = _filter_impl(c, method)
-    T, D = c.hn.shape
+def _backward_sample(key, k: LDSSampler, num_samples) -> Array:
+    """Reverse scan of the backward-sampling kernels: [T, D] or [S, T, D]."""
+    T, D = k.w.shape[0] + 1, k.v_T.shape[-1]
     S = 1 if num_samples is None else num_samples
-    eps = jax.random.normal(key, (T, D, S), dtype=c.hn.dtype)
-    # z_T = L_T^{-T}(v_T + eps_T); z_t = L_t^{-T}(w_t + W_t z_{t+1} + eps_t)
-    z_T = _tri_solve_T(f.L_T, f.v_T[:, None] + eps[-1])
+    eps = jax.random.normal(key, (T, D, S), dtype=k.v_T.dtype)
+    z_T = _tri_solve_T(k.L_T, k.v_T[:, None] + eps[-1])
 
     def step(z_next, xs):
         L, W, w, e = xs
         z = _tri_solve_T(L, w[:, None] + _mm(W, z_next) + e)
         return z, z
 
-    _, zs = lax.scan(step, z_T, (f.L, f.W, f.w, eps[:-1]), reverse=True)
+    _, zs = lax.scan(step, z_T, (k.L, k.W, k.w, eps[:-1]), reverse=True)
     z = jnp.concatenate([zs, z_T[None]], axis=0)  # [T, D, S]
     z = jnp.moveaxis(z, -1, 0)  # [S, T, D]
     return z[0] if num_samples is None else z
+
+
+def _sampler_of(f: _Filtered) -> LDSSampler:
+    return LDSSampler(f.L, f.W, f.w, f.L_T, f.v_T)
+
+
+@partial(jax.jit, static_argnums=(3, 4))
+def _sample_jit(key, potentials: LDSPotentials, mask, num_samples, method: str) -> Array:
+    f = _filter_impl(_canonical(potentials, mask), method)
+    return _backward_sample(key, _sampler_of(f), num_samples)
+
+
+@partial(jax.jit, static_argnums=2)
+def _smoother_sampler_jit(potentials: LDSPotentials, mask, method: str):
+    c = _canonical(potentials, mask)
+    f = _filter_impl(c, method)
+    B, a, Pinv = _kernels(f.L, f.W, f.w)
+    if method == "sequential" or f.L.shape[0] == 0:
+        mu, Sig = _smooth_sequential(B, a, Pinv, f.mu_T, f.Sig_T)
+    else:
+        mu, Sig = _smooth_parallel(B, a, Pinv, f.mu_T, f.Sig_T)
+    return _assemble(f.logZ, mu, Sig, B, f.Jf, f.hf), _sampler_of(f)
+
+
+def lds_smoother_with_sampler(
+    potentials: LDSPotentials, mask: Array | None = None, *, method: str = "auto"
+) -> tuple[LDSPosterior, LDSSampler]:
+    """`lds_smoother` plus the backward-sampling kernels its forward filter computed.
+
+    Drawing with `lds_sample_from` then costs one reverse scan instead of a second filter
+    (the mean field's final pass keeps them, so the ELBO's reparameterised draw of ``z``
+    shares the smoother's Cholesky factors, in the forward and in the backward pass).
+
+    Returns
+    -------
+    (LDSPosterior, LDSSampler)
+        As `lds_smoother`; kernels ``L [T-1, D, D]``, ``W [T-1, D, D]``, ``w [T-1, D]``,
+        ``L_T [D, D]``, ``v_T [D]``.
+    """
+    _validate(potentials, mask)
+    return _smoother_sampler_jit(potentials, mask, _resolve(method))
+
+
+def lds_sample_from(key: Array, sampler: LDSSampler, *, num_samples: int | None = None) -> Array:
+    """Reparameterised draws from a chain given its `LDSSampler` kernels.
+
+    With the same key, equal to ``lds_sample(key, potentials, mask, num_samples=...)`` of the
+    chain the kernels came from.
+
+    Parameters
+    ----------
+    key : Array
+        PRNG key.
+    sampler : LDSSampler
+        From `lds_smoother_with_sampler` (one sequence; ``vmap`` for batches).
+    num_samples : int, optional
+        ``S``; ``None`` gives one draw without the sample axis.
+
+    Returns
+    -------
+    Array
+        ``[T, D]`` or ``[S, T, D]``.
+    """
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"`num_samples` must be a positive int or None; got {num_samples!r}")
+    return _backward_sample(key, sampler, num_samples)
 
 
 def lds_expected_stats_by_grad(

@@ -14,9 +14,11 @@ from numpyro_svae.messages.lds import (
     lds_filter,
     lds_log_normalizer,
     lds_sample,
+    lds_sample_from,
     lds_smoother,
     lds_smoother_parallel,
     lds_smoother_sequential,
+    lds_smoother_with_sampler,
 )
 from tests._tol import tol
 
@@ -376,6 +378,32 @@ def test_lds_sample_is_reparameterised_matches_finite_differences(key):
             return jnp.sum(jnp.tanh(lds_sample(key, LDSPotentials(*leaves), num_samples=2)))
 
         check_grads(f, tuple(p), order=1, modes=["rev"], eps=1e-6)
+
+
+def test_lds_sample_from_kernels_matches_lds_sample(key):
+    """The smoother's kept kernels give the same draw as a fresh filter (same key), with
+    the same gradients; and the posterior is the plain smoother's."""
+    with jax.enable_x64(True):
+        p = _as_jnp(_random_potentials(43, 4, 2), jnp.float64)
+        mask = jnp.asarray([1, 0, 1, 1], bool)
+        post, kern = lds_smoother_with_sampler(p, mask, method="parallel")
+        for a, b in zip(post, lds_smoother(p, mask, method="parallel"), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(lds_sample_from(key, kern, num_samples=3),
+                                   lds_sample(key, p, mask, num_samples=3),
+                                   rtol=1e-12, atol=1e-12)
+
+        def via_kernels(r):
+            _, kern = lds_smoother_with_sampler(p._replace(r=r), method="sequential")
+            return jnp.sum(jnp.tanh(lds_sample_from(key, kern)))
+
+        def via_filter(r):
+            return jnp.sum(jnp.tanh(lds_sample(key, p._replace(r=r))))
+
+        np.testing.assert_allclose(jax.grad(via_kernels)(p.r), jax.grad(via_filter)(p.r),
+                                   rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="num_samples"):
+        lds_sample_from(key, kern, num_samples=0)
 
 
 # ----------------------------------------------------------------------------------------------
