@@ -43,6 +43,7 @@ def slds_model(
     hidden: tuple[int, ...] = (128, 128),
     sticky: float = 100.0,
     off_diagonal: float = 0.5,
+    dynamics_precision: float = 1e-3,
 ):
     """Switching linear dynamical system prior with a neural Gaussian decoder.
 
@@ -60,11 +61,16 @@ def slds_model(
         Hidden widths of the decoder MLP.
     sticky, off_diagonal : float
         Dirichlet concentrations of the transition rows (diagonal / off-diagonal).
+    dynamics_precision : float
+        Column precision ``V0`` of the matrix-normal prior on ``[A_k | b_k]`` (entries have
+        prior variance ``Q_k / V0`` around ``[0.9 I | 0]``); the research code's ``1e-3`` is
+        nearly flat.
     """
     eye = jnp.eye(D)
     pi0 = numpyro.sample("pi0", dist.Dirichlet(jnp.ones(K)))
     M0 = jnp.concatenate([0.9 * eye, jnp.zeros((D, 1))], axis=1)  # [D, D + 1]
-    V0_inv_chol = jnp.sqrt(1.0 / 1e-3) * jnp.eye(D + 1)  # column covariance V^-1, V = 1e-3 I
+    # MatrixNormal column scale: covariance V0^-1, column precision V0 = dynamics_precision I
+    V0_inv_chol = jnp.sqrt(1.0 / dynamics_precision) * jnp.eye(D + 1)
     with numpyro.plate("regimes", K):
         P = numpyro.sample(
             "P", dist.Dirichlet(off_diagonal + (sticky - off_diagonal) * jnp.eye(K))

@@ -190,3 +190,35 @@ def test_svae_elbo_ignores_masked_entries_matches_zero_filled(lds_setup, key):
     pad = jnp.arange(T)[None, :, None] >= lengths[:, None, None]
     a = loss(jnp.where(pad, 0.0, x), lengths=lengths)
     np.testing.assert_allclose(loss(jnp.where(pad, jnp.nan, x), lengths=lengths), a, rtol=1e-6)
+
+
+def test_mniw_ridges_keep_the_prior_representable_matches_closed_form():
+    """An unused regime's VB target is its prior.  `models.slds_model` has V0 = 1e-3 I, which
+    equals the research code's fixed ridge on V (the boundary of the unconstrained map: NaN
+    after ~500 natural-gradient steps on mocap6); the guide's ridges sit below the prior."""
+    from numpyro_svae.expfam import (
+        MNIWStandard,
+        mniw_from_unconstrained,
+        mniw_to_natural,
+        mniw_to_unconstrained,
+    )
+    from numpyro_svae.models import slds_model as ready_slds
+    from numpyro_svae.structure import discover_structure
+
+    with jax.enable_x64(True):
+        st = discover_structure(ready_slds, jnp.zeros((2, 4, 3)), N=2, T=4, Dx=3, K=2, D=2,
+                                hidden=(4,), rng_key=jax.random.key(0))
+        blk = st.dynamics
+        ridges = SVAEGuide._ridges("dynamics", blk)
+        assert 0 < ridges["jitter_V"] < np.linalg.eigvalsh(np.asarray(blk.V)).min()
+        assert 0 < ridges["jitter_S"] < np.linalg.eigvalsh(np.asarray(blk.S)).min()
+        eta0 = mniw_to_natural(MNIWStandard(*(jnp.asarray(a, jnp.float64)
+                                              for a in (blk.S, blk.M, blk.V, blk.nu))))
+        u = mniw_to_unconstrained(eta0, **ridges)
+        assert all(np.all(np.isfinite(np.asarray(a))) for a in u)
+        back = mniw_from_unconstrained(u, **ridges)
+        for a, b in zip(back, eta0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+        bad = mniw_to_unconstrained(eta0)  # the fixed 1e-3 ridge: the prior is out of reach
+        assert not all(np.all(np.isfinite(np.asarray(a))) for a in bad)
+        assert SVAEGuide._ridges("init_state", st.init_state) == {}
