@@ -193,12 +193,17 @@ class Run:
         self._eval_guides: dict = {}
 
     def update(self, x):
-        """The compiled SVI step ``state -> (state, loss)`` (compiled once per run)."""
+        """The compiled SVI step ``state -> (state, loss)`` (compiled once per run).
+
+        NumPyro's ``stable_update``: a step whose loss or new state is not finite leaves
+        the state as it was (with a fresh key) and returns its non-finite loss, so one bad
+        Monte Carlo draw does not end a long run (`train` counts and reports them).
+        """
         import jax
 
         if self._update is None:
             svi, kw = self.svi, self.model_kwargs
-            self._update = jax.jit(lambda s, x_: _strong(svi.update(s, x_, **kw)))
+            self._update = jax.jit(lambda s, x_: _strong(svi.stable_update(s, x_, **kw)))
         return lambda state: self._update(state, x)
 
     def init(self, seed: int, x):
@@ -386,9 +391,16 @@ def load_checkpoint(folder: pathlib.Path, template_state, cfg: FitConfig):
     return jax.tree_util.tree_unflatten(treedef, leaves), int(meta["step"]), losses
 
 
+MAX_SKIPPED_IN_A_ROW = 20
+
+
 def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
           progress: bool = True):
-    """Run `steps` SVI steps from `state` (or a fresh init). Returns (state, losses)."""
+    """Run `steps` SVI steps from `state` (or a fresh init). Returns (state, losses).
+
+    Skipped steps (non-finite loss, state kept) appear as NaN in `losses`; more than
+    `MAX_SKIPPED_IN_A_ROW` in a row end the run with a `CLIError`.
+    """
     if state is None:
         state = run.init(cfg.seed, data.train_x)
     update = run.update(data.train_x)
@@ -398,9 +410,17 @@ def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="fit", file=sys.stderr, mininterval=1.0)
+    in_a_row = 0
     for i in range(steps):
         state, loss = update(state)
         losses[i] = float(loss)
+        in_a_row = 0 if np.isfinite(losses[i]) else in_a_row + 1
+        if in_a_row > MAX_SKIPPED_IN_A_ROW:
+            if bar is not None:
+                bar.close()
+            raise CLIError(
+                f"training diverged: {in_a_row} steps in a row had a non-finite loss (at step "
+                f"{i + 1}); try a smaller --lr or --natgrad-lr")
         if bar is not None:
             bar.update(1)
             if i % 10 == 0:
@@ -413,6 +433,11 @@ def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
 # ------------------------------------------------------------------------------------------
 # evaluation, outputs
 # ------------------------------------------------------------------------------------------
+
+
+def _last_finite(losses) -> float | None:
+    ok = np.asarray(losses)[np.isfinite(losses)]
+    return float(ok[-1]) if ok.size else None
 
 
 class _Eval(NamedTuple):
@@ -491,7 +516,9 @@ _METRIC_TEXT = {
                    "units; lower is better)",
     "impute_loglik": "Gaussian log-likelihood per hidden entry of the imputation (higher is "
                      "better)",
-    "final_loss": "last training loss (-ELBO of the whole training set)",
+    "final_loss": "last finite training loss (-ELBO of the whole training set)",
+    "skipped_steps": "training steps skipped because their loss or update was not finite "
+                     "(the state is kept, a new random draw is used)",
 }
 
 
@@ -539,7 +566,8 @@ def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg
     metrics_ = dict(ev.metrics, seconds=round(seconds, 1),
                     train_seconds=None if train_seconds is None else round(train_seconds, 1),
                     steps=int(len(losses)),
-                    final_loss=float(losses[-1]) if len(losses) else None)
+                    skipped_steps=int(np.sum(~np.isfinite(losses))),
+                    final_loss=_last_finite(losses))
     (folder / "metrics.json").write_text(json.dumps(metrics_, indent=1))
     (folder / "report.md").write_text(_report(cfg, data, metrics_, plots, seconds))
     return metrics_
@@ -642,8 +670,6 @@ def cmd_fit(cfg: FitConfig, out: pathlib.Path, *, resume: bool, progress: bool) 
                               progress=progress)
         t_train = time.time() - t0
         losses = np.concatenate([prev_losses, losses])
-        if not np.all(np.isfinite(losses[-1:])):
-            raise CLIError("training diverged (non-finite loss); try a smaller --lr")
         save_checkpoint(stage, state, cfg, len(losses), losses)
         ev = _evaluate(run, run.svi.get_params(state), data, cfg, seed=cfg.seed)
         m = write_outputs(stage, run, state, losses, data, cfg, ev, time.time() - t0,

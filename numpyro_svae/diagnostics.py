@@ -50,6 +50,8 @@ def _theta_dims(role: str, ndim: int) -> list[str]:
         "init_mean": ["latent"],
         "dyn_cov": reg + ["latent", "latent_col"],
         "dyn_matrix": reg + ["latent", "dyn_input"],
+        "regime_cov": reg + ["latent", "latent_col"],
+        "regime_mean": (["regime"] if ndim == 2 else []) + ["latent"],
     }.get(role, [f"{role}_dim_{i}" for i in range(ndim)])
 
 
@@ -61,7 +63,11 @@ def _draws_core(guide, static, kwargs, params, inf, x, key):
         jax.random.split(key, S))
     mf = inf.mf
     sd = jnp.sqrt(jnp.diagonal(mf.cov, axis1=-2, axis2=-1))
-    out = dict(marginals=mf.marginals, Ez=mf.Ez, sd=sd, local_kl=mf.local_kl, info=inf.info)
+    marginals = mf.marginals
+    if guide.structure.dangling_regime:  # lag-one SLDS: q(k_{T-1}) = q(k_{T-2}) r, as the
+        r = jax.nn.softmax(inf.globals.log_P, axis=-1)  # guide's posterior() reports it
+        marginals = jnp.concatenate([marginals, (marginals[:, -1] @ r)[:, None]], 1)
+    out = dict(marginals=marginals, Ez=mf.Ez, sd=sd, local_kl=mf.local_kl, info=inf.info)
     if "P" in inf.eta:
         alpha = guide.qtheta_standard({"P": inf.eta["P"]})["P"].alpha
         out["EP"] = alpha / jnp.sum(alpha, -1, keepdims=True)
@@ -102,8 +108,9 @@ def to_inference_data(
         The fitted guide.
     result_or_params : SVIRunResult or dict
         ``svi.run(...)`` result (its ``losses`` are used) or a parameter dict.
-    x : array [N, T, Dx]
-        The sequences to describe.
+    x : array [N, T, Dx] ([N, Dx] for a mixture model)
+        The sequences to describe (a mixture's data points are sequences of length 1: its
+        ``time`` dimension has length 1).
     num_draws : int
         ``S``, draws (one chain).
     rng_key : jax.random key
@@ -112,7 +119,7 @@ def to_inference_data(
         Loss trace (default: ``result_or_params.losses`` when present).
     posterior_predictive : bool
         Add the ``posterior_predictive`` group (decoded ``x`` draws).
-    mask : array [N, T] or [N, T, Dx], optional
+    mask : array [N, T] or [N, T, Dx] ([N] or [N, Dx] for a mixture), optional
         1 = observed (passed to the model as ``mask=``).
     **model_kwargs
         The model's other keyword arguments.
@@ -123,9 +130,12 @@ def to_inference_data(
         Groups
 
         - ``posterior``: the global sites drawn from ``q(theta)`` (site names of the model,
-          e.g. ``P``, ``Q``, ``Ab``, ``S0``, ``m0``, ``pi0``), and joint local draws ``k``
-          ``(sequence, regime_step)`` (``k ~ q(k)``; SLDS only) and ``z`` ``(sequence, time,
-          latent)`` (``z ~ q(z | k)``); dims ``(chain=1, draw=S, ...)``.
+          e.g. ``P``, ``Q``, ``Ab``, ``S0``, ``m0``, ``pi0``, ``mu``, ``Sigma``), and joint
+          local draws ``k`` ``(sequence, regime_step)`` (``k ~ q(k)``; every family but the
+          LDS; ``regime_step`` has the model's number of regime variables: ``T`` with a
+          leading regime, in the lag-one form and for an HMM, ``T - 1`` with one regime per
+          transition, 1 for a mixture) and ``z`` ``(sequence, time, latent)``
+          (``z ~ q(z | k)``); dims ``(chain=1, draw=S, ...)``.
         - ``posterior_predictive``: the observed site, ``x ~ p(x | z)`` for those draws.
         - ``observed_data``: ``x``; ``constant_data``: the entry ``mask``.
         - ``sample_stats``: ``log_q_theta (chain, draw)``, ``loss (step)`` when a trace is
@@ -156,7 +166,8 @@ def to_inference_data(
     theta, log_q, mf = _call(_draws_core, guide, (S,), kwargs, params, xp, k_th)
     imp = impute(guide, params, xp, mask, num_samples=S, rng_key=k_imp, **model_kwargs)
 
-    N, T, Dx = xp.shape
+    N, T, Dx = entry.shape  # a mixture's data as length-1 sequences
+    xs = np.asarray(xp).reshape(N, T, Dx)
     D = st.D
     Tk = mf["marginals"].shape[1]
     coords = {"chain": [0], "draw": np.arange(S), "sequence": np.arange(N),
@@ -177,7 +188,7 @@ def to_inference_data(
     for name, v in theta.items():
         v = np.asarray(v)[None]
         post[name] = (cd + _theta_dims(st.sites[name].role, v.ndim - 2), v)
-    if st.family == "slds":
+    if st.family != "lds":
         post["k"] = (cd + ["sequence", "regime_step"], np.asarray(imp.regimes)[None])
     post["z"] = (cd + ["sequence", "time", "latent"], np.asarray(imp.latents)[None])
 
@@ -194,7 +205,7 @@ def to_inference_data(
     groups = {
         "posterior": ds(post),
         "sample_stats": ds(stats),
-        "observed_data": ds({st.obs.name: (["sequence", "time", "channel"], xp)}),
+        "observed_data": ds({st.obs.name: (["sequence", "time", "channel"], xs)}),
         "constant_data": ds({"mask": (["sequence", "time", "channel"],
                                       np.asarray(entry).astype(np.int8))}),
     }

@@ -15,9 +15,21 @@ Because step 2 conditions on a sampled path, imputations inside a gap can be mul
 (a gap may be filled by one regime or another), which the mean-field ``q(z)`` alone (one
 Gaussian chain, regimes averaged) cannot show.
 
+Every family of `SVAEGuide` is served:
+
+- ``slds`` (leading-regime, one-regime-per-transition and lag-one forms) and ``lds``: as
+  above; in the lag-one form the last regime, which drives no transition, is drawn from the
+  guide's ``r(k_{T-1} | k_{T-2}) = softmax(E log P)`` row and its ``log r`` enters ``log q(k)``;
+- ``hmm`` (latents iid given a Markov regime): ``k ~ q(k)`` by FFBS on the mean-field HMM
+  (node potentials ``E_q(z)[log N(z_t; mu_k, Sigma_k)]``), then ``z_t ~ q(z_t | k_t)``, the
+  Gaussian ``exp(E_q(theta) log N(z_t | mu_k, Sigma_k))`` times the encoder node potential;
+- ``gmm`` (a mixture: each data point is a sequence of length ``T = 1``): independent
+  categorical ``k_n ~ q(k_n)``, then ``z_n ~ q(z_n | k_n)`` as for the HMM.
+
 The model is called as ``model(x, **model_kwargs)`` (the ready-made models of
 `numpyro_svae.models` and the ARCHITECTURE.md example); ``x`` is ``[N, T, Dx]`` with the
-sequences first.  Outputs are always sequences-first.
+sequences first (``[N, Dx]`` for a mixture model).  Outputs are always sequences-first, with
+a time axis of length 1 for a mixture.
 """
 
 from __future__ import annotations
@@ -30,8 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
-from numpyro_svae._linalg import psd_cholesky
-from numpyro_svae.guide import DIAGNOSTICS_SITE, SVAEGuide, _accepts
+from numpyro_svae._linalg import (
+    LOG_2PI,
+    chol_inv_transpose_solve,
+    chol_logdet,
+    chol_solve,
+    psd_cholesky,
+)
+from numpyro_svae.guide import DIAGNOSTICS_SITE, SVAEGuide, _accepts, _iid_regime_log_lik
 from numpyro_svae.meanfield.potentials import lds_to_hmm_log_potentials
 from numpyro_svae.messages.hmm import HMMPotentials, hmm_log_normalizer, hmm_sample
 from numpyro_svae.messages.lds import LDSPotentials, lds_log_normalizer, lds_sample
@@ -48,7 +66,8 @@ __all__ = [
     "per_frame",
 ]
 
-_GLOBAL_ROLES = ("pi0", "P", "init_cov", "init_mean", "dyn_cov", "dyn_matrix")
+_GLOBAL_ROLES = ("pi0", "P", "init_cov", "init_mean", "dyn_cov", "dyn_matrix", "regime_cov",
+                 "regime_mean")
 _LOCAL_ROLES = ("k_init", "k", "z_init", "z")
 
 
@@ -105,26 +124,34 @@ def _clean_params(params) -> dict:
 
 
 def _entry_mask(x: Array, mask) -> Array:
-    """Entry mask ``[N, T, Dx]`` bool from ``mask`` (``None``, ``[N, T]`` or ``[N, T, Dx]``)."""
+    """Entry mask of ``x``'s shape, bool, from ``mask`` (``None``, ``x.shape[:-1]`` or
+    ``x.shape``): ``[N, T, Dx]`` (sequences) or ``[N, Dx]`` (mixture)."""
     if mask is None:
         return jnp.ones(x.shape, bool)
     m = jnp.asarray(mask)
-    if m.shape == x.shape[:2]:
+    if m.shape == x.shape[:-1]:
         m = m[..., None]
     elif m.shape != x.shape:
+        lead = "[N, T]" if x.ndim == 3 else "[N]"
+        full = "[N, T, Dx]" if x.ndim == 3 else "[N, Dx]"
         raise ValueError(
-            f"`mask` must have shape [N, T] = {list(x.shape[:2])} or [N, T, Dx] = "
+            f"`mask` must have shape {lead} = {list(x.shape[:-1])} or {full} = "
             f"{list(x.shape)}; got {list(m.shape)}")
     return jnp.broadcast_to(m.astype(bool), x.shape)
 
 
 def _prepare(guide: SVAEGuide, x, mask, model_kwargs: dict):
-    """Validate inputs, zero the missing entries, pass `mask` to the model, discover."""
+    """Validate inputs, zero the missing entries, pass `mask` to the model, discover.
+
+    Returns ``(x, kwargs, entry)``: ``x`` in the model's layout (``[N, T, Dx]``, or
+    ``[N, Dx]`` for a mixture), the model kwargs and the entry mask ``[N, T, Dx]`` (``T = 1``
+    for a mixture)."""
     if not isinstance(guide, SVAEGuide):
         raise TypeError(f"`guide` must be an SVAEGuide; got {type(guide).__name__}")
     x = jnp.asarray(x)
-    if x.ndim != 3:
-        raise ValueError(f"`x` must have shape [N, T, Dx]; got {list(x.shape)}")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"`x` must have shape [N, T, Dx] (or [N, Dx] for a mixture model); "
+                         f"got {list(x.shape)}")
     kwargs = dict(model_kwargs)
     entry = _entry_mask(x, mask)
     if mask is not None:
@@ -135,13 +162,22 @@ def _prepare(guide: SVAEGuide, x, mask, model_kwargs: dict):
         kwargs["mask"] = jnp.asarray(mask)
     bad = ~np.isfinite(np.asarray(x)) & np.asarray(entry)
     if bad.any():
-        n, t, d = np.argwhere(bad)[0]
-        raise ValueError(
-            f"`x` has NaN/inf at an observed entry (sequence {n}, step {t}, dim {d}); set "
-            "`mask` to 0 there")
+        where = np.argwhere(bad)[0]
+        at = (f"sequence {where[0]}, step {where[1]}, dim {where[2]}" if x.ndim == 3
+              else f"data point {where[0]}, dim {where[1]}")
+        raise ValueError(f"`x` has NaN/inf at an observed entry ({at}); set `mask` to 0 there")
     x = jnp.where(entry, x, 0.0)
-    guide._setup((x,), kwargs)
-    return x, kwargs, entry
+    st = guide._setup((x,), kwargs)
+    if (x.ndim == 2) != (st.family == "gmm"):
+        want = "[N, Dx]" if st.family == "gmm" else "[N, T, Dx]"
+        raise ValueError(f"`x` must have shape {want} for a {st.family!r} model; got "
+                         f"{list(x.shape)}")
+    return x, kwargs, _as_sequences(entry)
+
+
+def _as_sequences(a: Array) -> Array:
+    """A mixture's ``[N, Dx]`` array as length-1 sequences ``[N, 1, Dx]`` (else unchanged)."""
+    return a[:, None] if a.ndim == 2 else a
 
 
 def _infer(guide: SVAEGuide, params: dict, x: Array, kwargs: dict, key: Array):
@@ -180,32 +216,92 @@ def _conditional_potentials(g, pot: LDSPotentials, kt: Array) -> LDSPotentials:
                          g.h2[kt], pot.R, pot.r)
 
 
+def _gauss_draws(key: Array, J: Array, h: Array) -> tuple[Array, Array]:
+    """Independent Gaussians ``N(J^-1 h, J^-1)``: ``J [..., T, D, D]``, ``h [..., T, D]``.
+
+    Returns ``z [..., T, D]`` and the exact ``log q(z) [...]`` (summed over ``T``)."""
+    L = psd_cholesky(J)
+    eps = jax.random.normal(key, h.shape, h.dtype)
+    z = chol_solve(L, h) + chol_inv_transpose_solve(L, eps)
+    D = h.shape[-1]
+    # (z - m)' J (z - m) = eps' eps for z - m = L^-T eps
+    log_q = -0.5 * jnp.sum(eps**2, -1) + 0.5 * chol_logdet(L) - 0.5 * D * LOG_2PI
+    return z, jnp.sum(log_q, -1)
+
+
+def _sample_local_iid(chain: bool, g, S: int, conditional: bool, key: Array, mf, R: Array,
+                      r: Array, m: Array):
+    """One sequence of an HMM (``chain``) or a mixture: ``(k [S, T], z [S, T, D], log q(k)
+    [S], log q(z) [S])``, ``k ~ q(k)`` exactly, ``z ~ q(z | k)`` or the mean-field ``q(z)``."""
+    kk, kz = jax.random.split(key)
+    eta = _iid_regime_log_lik(mf, g)  # [T, K] E_q(z) log N(z_t; mu_k, Sigma_k)
+    if chain:  # FFBS on the mean-field HMM
+        hp = HMMPotentials(g.log_pi0, g.log_P, eta)
+        k = hmm_sample(kk, hp, num_samples=S)
+        log_qk = jax.vmap(lambda p: _hmm_score(p, hp))(k) - hmm_log_normalizer(hp)
+    else:  # independent categoricals q(k_t) prop. to exp(E log pi_k + eta_tk)
+        logq = jax.nn.log_softmax(g.log_pi0 + eta, axis=-1)  # [T, K]
+        k = jax.random.categorical(kk, logq, axis=-1, shape=(S, eta.shape[0]))
+        log_qk = jnp.sum(jnp.take_along_axis(logq, k.T, axis=-1).T, -1)
+    T, D = r.shape
+    if conditional:  # q(z_t | k_t) prop. to exp(E log N(z_t | mu_k, Sigma_k)) x encoder potential
+        mk = m.astype(r.dtype)
+        Rm = R * (mk[:, None] if R.ndim == 2 else mk[:, None, None])
+        Rf = Rm[..., :, None] * jnp.eye(D, dtype=r.dtype) if R.ndim == 2 else Rm
+        J = g.J[k] + Rf  # [S, T, D, D]
+        h = g.h[k] + r * mk[:, None]
+    else:  # the mean-field q(z) = prod_t q(z_t), the guide's
+        J = jnp.broadcast_to(mf.J, (S, T, D, D))
+        h = jnp.broadcast_to(mf.h, (S, T, D))
+    z, log_qz = _gauss_draws(kz, J, h)
+    return k.astype(jnp.int32), z, log_qk, log_qz
+
+
 def _sample_local(guide: SVAEGuide, inf, key: Array, S: int, *, conditional: bool = True):
     """Draw ``S`` joint paths ``(k, z)`` per sequence and their log-densities under q.
 
     Returns ``k [S, N, Tk] int32``, ``z [S, N, T, D]``, ``log_qk [S, N]``, ``log_qz [S, N]``;
-    ``z ~ q(z | k)`` when `conditional`, else ``z ~ q(z)`` (the mean-field chain).
+    ``z ~ q(z | k)`` when `conditional`, else ``z ~ q(z)`` (the mean-field chain, or the
+    mean-field independent ``q(z_t)`` of an hmm / gmm).  ``Tk`` is the number of regime
+    variables of the model: ``T`` (leading regime, lag-one form, hmm), ``T - 1`` (one regime
+    per transition), 1 (gmm).
     """
     st = guide.structure
     g = inf.globals
     N = inf.step_mask.shape[0]
-    Tk = inf.mf.marginals.shape[1]
     keys = jax.random.split(key, N)
+    sw = lambda a: jnp.swapaxes(a, 0, 1)
+    if st.family in ("hmm", "gmm"):
+        def one_iid(kn, mf, R, r, m):
+            return _sample_local_iid(st.family == "hmm", g, S, conditional, kn, mf, R, r, m)
+
+        out = jax.vmap(one_iid)(keys, inf.mf, inf.R, inf.r, inf.step_mask)
+        return tuple(sw(a) for a in out)
+
+    Tk = inf.mf.marginals.shape[1]
 
     def one(kn, mf):
-        kk, kz = jax.random.split(kn)
+        kk, kz, kd = jax.random.split(kn, 3)
         pot = mf.lds_potentials
+        T1 = pot.J11.shape[0]  # transitions, T - 1
         if st.family == "slds":
             hpots = _hmm_potentials(g, mf, st.leading_regime)
             k = hmm_sample(kk, hpots, num_samples=S)  # [S, Tk]
             log_qk = jax.vmap(lambda p: _hmm_score(p, hpots))(k) \
                 - hmm_log_normalizer(hpots)
+            if st.dangling_regime:  # lag-one form: k_{T-1} ~ r(. | k_{T-2}), drives nothing
+                log_r = jax.nn.log_softmax(g.log_P, axis=-1)
+                last = jax.random.categorical(kd, log_r[k[:, -1]], axis=-1).astype(k.dtype)
+                log_qk = log_qk + log_r[k[:, -1], last]
+                k = jnp.concatenate([k, last[:, None]], 1)  # [S, T]
         else:
             k = jnp.zeros((S, Tk), jnp.int32)
             log_qk = jnp.zeros((S,), pot.r.dtype)
         if conditional and st.family == "slds":
             def draw(key_s, k_s):
-                kt = k_s[1:] if st.leading_regime else k_s
+                # the regime of each transition z_t -> z_{t+1}: k_{t+1} with a leading
+                # regime, else k_t (the lag-one form's last regime drives nothing)
+                kt = k_s[1:] if st.leading_regime else k_s[:T1]
                 cp = _conditional_potentials(g, pot, kt)
                 z = lds_sample(key_s, cp)
                 return z, _lds_log_psi(z, cp) - lds_log_normalizer(cp)
@@ -218,21 +314,27 @@ def _sample_local(guide: SVAEGuide, inf, key: Array, S: int, *, conditional: boo
         return k.astype(jnp.int32), z, log_qk, log_qz
 
     k, z, log_qk, log_qz = jax.vmap(one)(keys, inf.mf)
-    sw = lambda a: jnp.swapaxes(a, 0, 1)
     return sw(k), sw(z), sw(log_qk), sw(log_qz)
 
 
 def _substitutions(guide: SVAEGuide, params: dict, theta: dict | None, k, z) -> dict:
-    """Site values for a model run: parameters, globals, regime and latent chains."""
+    """Site values for a model run: parameters, globals, regime and latent chains.
+
+    ``k [N, Tk]`` and ``z [N, T, D]`` as returned per draw by `_sample_local`."""
     st = guide.structure
     subs = dict(params)
     if theta is None:  # the decoder does not depend on theta: use the discovery values
-        for blk in guide._blocks(st).values():
+        # (latent blocks only: point estimates keep their values in `params`)
+        for blk in guide._latent_blocks(st).values():
             for site, val in guide._block_values(blk):
                 # structure arrays carry a [K] axis even when the model's site has none
                 subs[site] = jnp.reshape(val, st.sites[site].shape)
     else:
         subs.update(theta)
+    if st.family == "gmm":  # no scan: k [N], z [N, D] under the data plate
+        subs[st.k_site] = k[:, 0]
+        subs[st.z_site] = z[:, 0]
+        return subs
     if st.k_site is not None:
         first = 1 if st.k_init_site is not None else 0
         if first:
@@ -249,15 +351,27 @@ def _run_model(guide: SVAEGuide, subs: dict, x: Array, kwargs: dict, key: Array)
         return handlers.trace(seeded).get_trace(x, **guide._model_kwargs(kwargs))
 
 
-def _to_nfirst(a: Array, n_axis: int, t_axis: int) -> Array:
+def _to_nfirst(a: Array, n_axis: int, t_axis: int | None) -> Array:
+    """A value-layout array as ``[N, T, ...]`` (a mixture's ``[N, Dx]`` as ``[N, 1, Dx]``)."""
+    if t_axis is None:
+        return (a if n_axis == 0 else jnp.swapaxes(a, 0, 1))[:, None]
     return jnp.transpose(a, (n_axis, t_axis) + tuple(range(2, a.ndim)))
+
+
+def _obs_layout(guide: SVAEGuide, site, kwargs: dict):
+    """(innermost dist, mask over its elementwise log-prob or None, sequences axis, time axis
+    or None for a mixture) of the model's observed site."""
+    st = guide.structure
+    if st.family == "gmm":
+        base, mask, n_axis = guide._iid_site_mask(site)
+        return base, mask, n_axis, None
+    return guide._site_mask(site, st, kwargs, None)
 
 
 def _decode(guide: SVAEGuide, tr, kwargs: dict, key: Array):
     """Decoder mean and one draw ``[N, T, Dx]`` from the model's observed site."""
-    st = guide.structure
-    site = guide._obs_site(st, tr)
-    base, _, n_axis, t_axis = guide._site_mask(site, st, kwargs, None)
+    site = guide._obs_site(guide.structure, tr)
+    base, _, n_axis, t_axis = _obs_layout(guide, site, kwargs)
     shape = jnp.shape(site["value"])
     mean = jnp.broadcast_to(base.mean, shape)
     draw = jnp.broadcast_to(base.sample(key), shape)
@@ -282,7 +396,7 @@ def _log_joint(guide: SVAEGuide, tr, kwargs: dict):
     """``(log p(x | z) [N], log p(z, k | theta) [N], log p(theta) [])`` from a model trace."""
     st = guide.structure
     site = guide._obs_site(st, tr)
-    base, mask, n_axis, _ = guide._site_mask(site, st, kwargs, None)
+    base, mask, n_axis, _ = _obs_layout(guide, site, kwargs)
     value = site["value"]
     if mask is None:
         lp_x = base.log_prob(value)
@@ -322,15 +436,17 @@ class _Post(NamedTuple):
     """The parts of the guide's inference that prediction needs (all arrays)."""
 
     eta: dict  # block -> natural parameters of q(theta)
-    globals: Any  # SLDSGlobalPotentials
-    mf: Any  # MFResult batched over N
+    globals: Any  # SLDSGlobalPotentials (slds / lds) or IIDGlobalPotentials (hmm / gmm)
+    mf: Any  # MFResult or IIDResult, batched over N
     info: Any  # FixedPointInfo batched over N
     step_mask: Array  # [N, T] bool
+    R: Array  # [N, T, D] or [N, T, D, D] encoder node precisions (unmasked)
+    r: Array  # [N, T, D]
 
 
 def _infer_stage(guide, others, params, arrays, x, key) -> _Post:
     inf = _infer(guide, params, x, {**dict(others), **arrays}, key)
-    return _Post(inf.eta, inf.globals, inf.mf, inf.info, inf.obs.step_mask)
+    return _Post(inf.eta, inf.globals, inf.mf, inf.info, inf.obs.step_mask, inf.R, inf.r)
 
 
 def _core_stage(core, guide, static, params, arrays, post, *dyn):
@@ -389,7 +505,27 @@ def _impute_core(guide, static, kwargs, params, inf, x, key, entry) -> Imputatio
     means, draws = jax.vmap(dec)(z, k, jax.random.split(k_dec, S))
     mean = jnp.mean(means, 0)
     lower, upper = _quantiles(draws)
-    return Imputation(draws, mean, lower, upper, jnp.where(entry, x, mean), k, z, entry)
+    return Imputation(draws, mean, lower, upper, jnp.where(entry, _as_sequences(x), mean), k,
+                      z, entry)
+
+
+def _global_draws(guide: SVAEGuide, theta: dict, params: dict, S: int, dtype) -> dict:
+    """Every global block's arrays per draw, ``[S, ...]`` in the discovery layout (leading
+    ``[K]``): from ``theta`` (latent blocks), ``params`` (point estimates) or the constants."""
+    out = {}
+    for name, blk in guide._blocks(guide.structure).items():
+        vals = []
+        for site, val in guide._block_fields(blk):
+            shape = np.shape(val)
+            if site is not None and site in theta:
+                a = jnp.reshape(theta[site], (S,) + shape)
+            elif site is not None and site in params:
+                a = jnp.broadcast_to(jnp.reshape(params[site], shape), (S,) + shape)
+            else:
+                a = jnp.broadcast_to(jnp.asarray(val), (S,) + shape)
+            vals.append(a.astype(dtype))
+        out[name] = vals
+    return out
 
 
 def _forecast_core(guide, static, kwargs, params, inf, x, key) -> Forecast:
@@ -401,23 +537,32 @@ def _forecast_core(guide, static, kwargs, params, inf, x, key) -> Forecast:
     theta, _ = jax.vmap(lambda kk: _sample_theta(guide, inf.eta, kk))(
         jax.random.split(k_th, S))
     k, z, _, _ = _sample_local(guide, inf, k_loc, S, conditional=True)
-    Qs = theta[st.dynamics.cov_site]
-    Xs = theta[st.dynamics.matrix_site]
-    if Qs.ndim == 3:  # an LDS without a regimes axis
-        Qs, Xs = Qs[:, None], Xs[:, None]
-    D = Qs.shape[-1]
-    if st.P is not None:
-        logP = jnp.log(theta[st.P.site])
+    dt = z.dtype
+    glob = _global_draws(guide, theta, params, S, dt)
+    D = z.shape[-1]
+    if "P" in glob:
+        logP = jnp.log(glob["P"][0])  # [S, K, K]
     else:
-        logP = jnp.zeros((S, 1, 1), Qs.dtype)
+        logP = jnp.zeros((S, 1, 1), dt)
+    if st.family == "hmm":  # z_t ~ N(mu_k, Sigma_k), independent of z_{t-1}
+        cov, loc = glob["regime_gaussians"]
+        A = jnp.zeros(cov.shape[:2] + (D, D), dt)
+        b = loc
+    else:
+        cov, X = glob["dynamics"]  # [S, K, D, D], [S, K, D, Din]
+        A = X[..., :D]
+        b = X[..., D] if st.dynamics.bias else jnp.zeros(X.shape[:-1], dt)
+    # the regime of the last observed transition (hmm: of the last frame); in the lag-one
+    # form the posterior path's last regime drives nothing and is redrawn from P_theta
+    k_last = k[:, :, -2] if st.dangling_regime else k[:, :, -1]
 
-    def roll(key_s, Q, X, lP, k_last, z_last):  # one draw, all sequences
-        A, b = X[:, :, :D], (X[:, :, D] if st.dynamics.bias else jnp.zeros_like(X[:, :, 0]))
-        L = psd_cholesky(Q)
+    def roll(key_s, A, b, cov, lP, k_last, z_last):  # one draw, all sequences
+        L = psd_cholesky(cov)
 
         def step(carry, kt):
             kp, zp = carry
             k1, k2 = jax.random.split(kt)
+            # the regime of the next transition first, then the state it drives
             kn = jax.random.categorical(k1, lP[kp], axis=-1).astype(kp.dtype)
             eps = jax.random.normal(k2, zp.shape, zp.dtype)
             zn = jnp.einsum("nij,nj->ni", A[kn], zp) + b[kn] \
@@ -427,8 +572,7 @@ def _forecast_core(guide, static, kwargs, params, inf, x, key) -> Forecast:
         _, (ks, zs) = jax.lax.scan(step, (k_last, z_last), jax.random.split(key_s, H))
         return jnp.swapaxes(ks, 0, 1), jnp.swapaxes(zs, 0, 1)  # [N, H], [N, H, D]
 
-    kf, zf = jax.vmap(roll)(jax.random.split(k_sim, S), Qs, Xs, logP, k[:, :, -1],
-                            z[:, :, -1])
+    kf, zf = jax.vmap(roll)(jax.random.split(k_sim, S), A, b, cov, logP, k_last, z[:, :, -1])
     N = zf.shape[1]
     zpad = jnp.concatenate([zf, jnp.zeros((S, N, C * T - H, D), zf.dtype)], 2)
     chunks = zpad.reshape(S, N, C, T, D).transpose(0, 2, 1, 3, 4).reshape(S * C, N, T, D)
@@ -498,9 +642,9 @@ def impute(
         The fitted guide.
     params : dict
         Parameter values (``SVIRunResult.params``; an ``SVIRunResult`` is accepted).
-    x : array [N, T, Dx]
+    x : array [N, T, Dx] ([N, Dx] for a mixture model)
         Data; values at missing entries are ignored (NaN allowed there).
-    mask : array [N, T] or [N, T, Dx], optional
+    mask : array [N, T] or [N, T, Dx] ([N] or [N, Dx] for a mixture), optional
         1 / True = observed.  Passed to the model as ``mask=`` (the model must accept it).
     num_samples : int
         ``S``, joint draws ``(k, z, x)`` per sequence.
@@ -515,7 +659,9 @@ def impute(
         ``samples [S, N, T, Dx]`` from ``k ~ q(k)``, ``z ~ q(z | k)``, ``x ~ p(x | z)``;
         ``mean`` (average decoder mean), ``lower`` / ``upper`` (5 % / 95 % sample quantiles),
         ``filled`` (data where observed, mean where missing), ``regimes [S, N, Tk]``,
-        ``latents [S, N, T, D]`` and the entry ``mask``.
+        ``latents [S, N, T, D]`` and the entry ``mask``.  ``Tk`` is the number of regime
+        variables of the model (``T`` with a leading regime, in the lag-one form and for an
+        hmm; ``T - 1`` with one regime per transition); a mixture has ``T = Tk = 1``.
 
     Notes
     -----
@@ -543,8 +689,13 @@ def forecast(
 
     Each draw takes ``theta ~ q(theta)``, a joint posterior path ``k ~ q(k)``,
     ``z ~ q(z | k)`` (whose last state is a draw from the smoothed = filtered end state),
-    then rolls the SLDS forward with ``theta``: ``k_{t+1} ~ P[k_t]``,
-    ``z_{t+1} ~ N(A_k z_t + b_k, Q_k)``, and decodes ``x_{t+1} ~ p(x | z_{t+1})``.
+    then rolls the prior forward with ``theta``: the regime of the next transition first,
+    ``k' ~ P[k]``, then the state it drives, ``z_{t+1} ~ N(A_{k'} z_t + b_{k'}, Q_{k'})``
+    (slds / lds) or ``z_{t+1} ~ N(mu_{k'}, Sigma_{k'})`` (hmm), and decodes
+    ``x_{t+1} ~ p(x | z_{t+1})``.  In the lag-one SLDS the posterior path's last regime
+    drives no observed transition; it is redrawn from ``P_theta`` given the one before (its
+    exact conditional given ``theta``) and drives the first forecast step.  Point-estimate
+    and constant globals are used as they are.
 
     Parameters
     ----------
@@ -561,6 +712,11 @@ def forecast(
         ``samples [S, N, H, Dx]``, ``mean``, ``lower`` / ``upper`` (5 % / 95 %), ``latents
         [S, N, H, D]``, ``regimes [S, N, H]``.
 
+    Raises
+    ------
+    ValueError
+        For a mixture (``gmm``) model, which has no time axis to forecast along.
+
     Notes
     -----
     The decoder is run through the model, whose chain has a fixed length ``T``; future latents
@@ -571,6 +727,11 @@ def forecast(
     _check_num("horizon", horizon)
     params = _clean_params(params)
     x, kwargs, _ = _prepare(guide, x, mask, model_kwargs)
+    family = guide.structure.family
+    if family == "gmm":
+        raise ValueError(
+            f"forecasting needs a sequence model (slds, lds or hmm); the model is a {family!r} "
+            "(a mixture of independent data points, no time axis)")
     return _call(_forecast_core, guide, (num_samples, horizon), kwargs, params, x, rng_key)
 
 
@@ -588,7 +749,9 @@ def importance_weighted_bound(
     """Importance-weighted (IWAE-style) lower bounds on the log marginal likelihood.
 
     With ``S`` joint draws ``theta_s ~ q(theta)``, ``k_s ~ q(k)`` (FFBS on the mean-field
-    HMM) and ``z_s`` from the proposal below, independently per sequence for the locals,
+    HMM; independent categoricals for a mixture; in the lag-one SLDS the last regime from the
+    guide's ``r(k_{T-1} | k_{T-2})``) and ``z_s`` from the proposal below, independently per
+    sequence for the locals,
 
     .. math::
 
@@ -615,8 +778,10 @@ def importance_weighted_bound(
         ``S``.
     proposal : {"meanfield", "conditional"}
         ``q(z)`` of the draws: the mean-field Gaussian chain (``q(z, k) = q(z) q(k)``, as in
-        the research code and the ELBO: ``E log w = ELBO``-local terms) or the chain given
-        the sampled path (``q(z, k) = q(z | k) q(k)``, usually tighter for an SLDS).
+        the research code and the ELBO: ``E log w = ELBO``-local terms; independent
+        ``q(z_t)`` for an hmm / gmm) or the chain given the sampled path (``q(z, k) =
+        q(z | k) q(k)``, usually tighter; for an hmm / gmm ``q(z_t | k_t) prop. to
+        exp(E log N(z_t | mu_k, Sigma_k))`` times the encoder potential).
 
     Returns
     -------

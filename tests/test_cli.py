@@ -129,6 +129,33 @@ def _leaves(folder):
         return {k: f[k] for k in f.files}
 
 
+class _StubRun:
+    """Duck-typed `cli.Run` whose step returns the scripted losses (state = step count)."""
+
+    def __init__(self, losses):
+        self.losses = list(losses)
+
+    def init(self, seed, x):
+        return 0
+
+    def update(self, x):
+        return lambda state: (state + 1, self.losses[state])
+
+
+def test_train_keeps_going_over_skipped_steps_and_stops_on_a_run_of_them():
+    data = cli.Data(np.zeros((1, 3, 1)), None, np.ones((1, 3), bool), np.zeros((1, 3, 1)),
+                    None, np.ones((1, 3), bool), ())
+    cfg = cli.FitConfig()
+    bad = [1.0, np.nan, np.inf, 0.5] + [0.25] * 2
+    state, losses = cli.train(_StubRun(bad), data, cfg, steps=6, progress=False)
+    assert state == 6 and np.isnan(losses[1]) and np.isinf(losses[2]) and losses[-1] == 0.25
+    assert cli._last_finite(losses) == 0.25 and cli._last_finite([np.nan]) is None
+    n = cli.MAX_SKIPPED_IN_A_ROW
+    with pytest.raises(cli.CLIError, match=f"{n + 1} steps in a row.*step {n + 2}"):
+        cli.train(_StubRun([1.0] + [np.nan] * (n + 5)), data, cfg, steps=n + 5,
+                  progress=False)
+
+
 @pytest.mark.slow  # ~200 s on a loaded 2-core machine, mostly XLA compilation
 def test_fit_resume_evaluate_end_to_end(tmp_path, capsys):
     import arviz as az
@@ -198,3 +225,33 @@ def test_fit_resume_evaluate_end_to_end(tmp_path, capsys):
         assert code == 2 and "corrupted" in err and err.count("\n") == 1, argv
         assert "Traceback" not in err
     assert (out / "report.md").exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+@pytest.mark.slow  # ~60 s on a loaded 2-core machine, mostly XLA compilation
+def test_fit_hmm_family_end_to_end(tmp_path, capsys):
+    """`fit --family hmm`: training, held-out evaluation (imputation, importance-weighted
+    bound), ArviZ export with regime draws, plots and the report."""
+    import arviz as az
+
+    data = tmp_path / "tiny.npz"
+    _tiny_data(data)
+    out = tmp_path / "run"
+    code = cli.main(["fit", "--family", "hmm", "--steps", "2", "--dataset", str(data),
+                     "--K", "2", "--D", "2", "--hidden", "8", "--max-iters", "2", "--fast",
+                     "--no-progress", "--out", str(out)])
+    capsys.readouterr()
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "hmm_svae"
+    for name in ("heldout_bound_per_frame", "impute_rmse", "impute_loglik", "ari",
+                 "accuracy", "final_loss"):
+        assert np.isfinite(metrics[name]), name
+    assert 1 <= metrics["regimes_used"] <= 2
+    report = (out / "report.md").read_text()
+    assert "HMM-SVAE" in report and "family=hmm" in report
+    for png in ("elbo.png", "reconstruction.png", "regimes.png", "transition_matrix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    idata = az.from_netcdf(str(out / "posterior.nc"))
+    k = idata["posterior"]["k"]  # one regime per step for an HMM: [chain, draw, N, T]
+    assert k.dims[-2:] == ("sequence", "regime_step") and k.shape[-1] == 20
+    assert {"mu", "Sigma", "P", "pi0"} <= set(idata["posterior"].data_vars)
