@@ -10,14 +10,12 @@ only the rule for the q(theta) parameters (``"qtheta$..."`` sites) changes:
   the library's `SVAEGuide` produces: straight-through expected statistics + natural-gradient
   custom VJP of the unconstrained map), rate 0.05 as in the example.
 * ``adam`` / ``sgd``: ``SVAEGuide(..., natural_gradients=False)``, which builds q(theta)
-  with ``*_from_unconstrained(natgrad=False)`` and differentiates through the expected
-  statistics and the KL (no straight-through), so that the q(theta) gradient is the ordinary
+  with ``*_qtheta_terms(natgrad=False)`` and differentiates through the expected
+  statistics and the KL (no natural-gradient VJP), so that the q(theta) gradient is the ordinary
   Euclidean gradient in the unconstrained coordinates; the loss value is unchanged.  These
   parameters get ``optax.adam(lr)`` or ``optax.sgd(lr)`` via ``optax.partition``; the rate
   is swept over ``RUNS`` and each optimizer's row in ``rows`` is its best rate (fewest steps
   to 1 %, then highest ELBO); every run is in ``sweep`` with its loss trace.
-  (`SVAEGuide` itself has no plain-gradient switch; the subclass relies on its private
-  ``_blocks`` / ``_register_block`` / ``_prior_natural`` helpers.)
 
 ``python bench/bench_natgrad.py --seeds 1 2`` runs only natural (0.05) and Adam (2e-2) on
 other seeds and writes ``bench/results/natgrad_seeds.json``.

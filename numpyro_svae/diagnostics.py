@@ -59,7 +59,7 @@ def _draws_core(guide, static, kwargs, params, inf, x, key):
     """q(theta) draws, their log-density and the mean-field summaries (compiled by `_call`)."""
     del kwargs, params, x
     (S,) = static
-    theta, log_q = jax.vmap(lambda kk: _sample_theta(guide, inf.eta, kk))(
+    theta, log_q = jax.vmap(lambda kk: _sample_theta(guide, inf.qtheta, kk))(
         jax.random.split(key, S))
     mf = inf.mf
     sd = jnp.sqrt(jnp.diagonal(mf.cov, axis1=-2, axis2=-1))
@@ -68,8 +68,8 @@ def _draws_core(guide, static, kwargs, params, inf, x, key):
         r = jax.nn.softmax(inf.globals.log_P, axis=-1)  # guide's posterior() reports it
         marginals = jnp.concatenate([marginals, (marginals[:, -1] @ r)[:, None]], 1)
     out = dict(marginals=marginals, Ez=mf.Ez, sd=sd, local_kl=mf.local_kl, info=inf.info)
-    if "P" in inf.eta:
-        alpha = guide.qtheta_standard({"P": inf.eta["P"]})["P"].alpha
+    if "P" in inf.qtheta:
+        alpha = inf.qtheta["P"].alpha
         out["EP"] = alpha / jnp.sum(alpha, -1, keepdims=True)
     return theta, log_q, out
 

@@ -41,9 +41,7 @@ from numpyro_svae.expfam.dirichlet import (
     DirichletNatural,
     DirichletStandard,
     DirichletStats,
-    dirichlet_expected_stats,
-    dirichlet_from_unconstrained,
-    dirichlet_log_normalizer,
+    dirichlet_qtheta_terms,
     dirichlet_to_natural,
     dirichlet_to_standard,
     dirichlet_to_unconstrained,
@@ -51,20 +49,15 @@ from numpyro_svae.expfam.dirichlet import (
 from numpyro_svae.expfam.mniw import (
     MNIWStandard,
     MNIWStats,
-    mniw_expected_stats,
-    mniw_from_unconstrained,
-    mniw_log_normalizer,
+    mniw_qtheta_terms,
     mniw_to_natural,
     mniw_to_standard,
     mniw_to_unconstrained,
 )
-from numpyro_svae.expfam.natgrad import prior_kl_natgrad_form, straight_through, tree_vdot
 from numpyro_svae.expfam.niw import (
     NIWStandard,
     NIWStats,
-    niw_expected_stats,
-    niw_from_unconstrained,
-    niw_log_normalizer,
+    niw_qtheta_terms,
     niw_to_natural,
     niw_to_standard,
     niw_to_unconstrained,
@@ -122,7 +115,7 @@ class _Observed(NamedTuple):
 
 class _Inference(NamedTuple):
     obs: _Observed
-    eta: dict  # block -> natural parameters of q(theta)
+    qtheta: dict  # block -> standard parameters of q(theta) (NIW/MNIW/DirichletStandard)
     global_kl: Array  # []
     globals: Any  # SLDSGlobalPotentials
     R: Array  # [B, T, D]
@@ -423,15 +416,15 @@ class SVAEGuide:
 
     # -- q(theta) ------------------------------------------------------------------------------
 
-    def _prior_natural(self, name, blk):
+    def _prior_standard(self, name, blk):
         f = jnp.asarray(0.0).dtype  # float64 under jax.enable_x64
         if name in ("init_state", "regime_gaussians"):
-            return niw_to_natural(NIWStandard(jnp.asarray(blk.S, f), jnp.asarray(blk.m, f),
-                                              jnp.asarray(blk.lam, f), jnp.asarray(blk.nu, f)))
+            return NIWStandard(jnp.asarray(blk.S, f), jnp.asarray(blk.m, f),
+                               jnp.asarray(blk.lam, f), jnp.asarray(blk.nu, f))
         if name == "dynamics":
-            return mniw_to_natural(MNIWStandard(jnp.asarray(blk.S, f), jnp.asarray(blk.M, f),
-                                                jnp.asarray(blk.V, f), jnp.asarray(blk.nu, f)))
-        return dirichlet_to_natural(DirichletStandard(jnp.asarray(blk.alpha, f)))
+            return MNIWStandard(jnp.asarray(blk.S, f), jnp.asarray(blk.M, f),
+                                jnp.asarray(blk.V, f), jnp.asarray(blk.nu, f))
+        return DirichletStandard(jnp.asarray(blk.alpha, f))
 
     @staticmethod
     def _ridges(name, blk) -> dict:
@@ -491,41 +484,31 @@ class SVAEGuide:
         return type(shapes)(**fields)
 
     def _qtheta(self, st):
-        """Register q(theta); return (eta dict, global KL, expected global potentials).
+        """Register q(theta); return (standard parameters dict, global KL, expected global
+        potentials).
 
-        Latent blocks get a q(theta) factor (natural parameters in ``eta``, a KL term);
-        ``numpyro.param`` and constant blocks enter the potentials as point masses
-        (``E[t] = t(value)``), without KL; params get ordinary gradients.  The potentials are
-        `SLDSGlobalPotentials` (slds / lds) or `IIDGlobalPotentials` (hmm / gmm).
+        Latent blocks get a q(theta) factor (``*_qtheta_terms``: standard parameters, expected
+        statistics and prior KL, all computed from standard form so that float32 never
+        recovers ``S`` from ``eta1 = S + M V M'``; with ``natural_gradients`` they carry the
+        natural-gradient VJP).  ``numpyro.param`` and constant blocks enter the potentials as
+        point masses (``E[t] = t(value)``), without KL; params get ordinary gradients.  The
+        potentials are `SLDSGlobalPotentials` (slds / lds) or `IIDGlobalPotentials`
+        (hmm / gmm).
         """
-        eta, stats, kl = {}, {}, 0.0
-        niw = (niw_from_unconstrained, niw_expected_stats, niw_log_normalizer)
-        dirichlet = (dirichlet_from_unconstrained, dirichlet_expected_stats,
-                     dirichlet_log_normalizer)
-        fams = {
-            "init_state": niw,
-            "regime_gaussians": niw,
-            "dynamics": (mniw_from_unconstrained, mniw_expected_stats, mniw_log_normalizer),
-            "pi0": dirichlet,
-            "P": dirichlet,
-        }
+        qtheta, stats, kl = {}, {}, 0.0
+        terms = {"init_state": niw_qtheta_terms, "regime_gaussians": niw_qtheta_terms,
+                 "dynamics": mniw_qtheta_terms, "pi0": dirichlet_qtheta_terms,
+                 "P": dirichlet_qtheta_terms}
         for name, blk in self._blocks(st).items():
             if blk.kind != "latent":
                 stats[name] = self._point_stats(name, blk, st)
                 continue
-            to_eta, es, lognorm = fams[name]
             u = self._register_block(name, st)
-            e = to_eta(u, natgrad=self.natural_gradients, **self._ridges(name, blk))
-            eta[name] = e
-            eta0 = self._prior_natural(name, blk)
-            if self.natural_gradients:
-                stats[name] = straight_through(es, e)
-                kl = kl + prior_kl_natgrad_form(e, eta0, es, lognorm)
-            else:  # ordinary autodiff through E[t] and the closed-form KL
-                mu = es(e)
-                stats[name] = mu
-                diff = jax.tree.map(lambda a, b: a - b, e, eta0)
-                kl = kl + (tree_vdot(diff, mu) - jnp.sum(lognorm(e)) + jnp.sum(lognorm(eta0)))
+            std, mu, kl_block = terms[name](u, self._prior_standard(name, blk),
+                                            natgrad=self.natural_gradients,
+                                            **self._ridges(name, blk))
+            qtheta[name], stats[name] = std, mu
+            kl = kl + kl_block
         if st.family == "lds":
             g = lds_expected_potentials(stats["init_state"], stats["dynamics"])
         elif st.family == "slds":
@@ -534,7 +517,7 @@ class SVAEGuide:
         else:
             g = iid_expected_potentials(stats["regime_gaussians"], stats["pi0"].log_pi,
                                         stats["P"].log_pi if "P" in stats else None)
-        return eta, jnp.asarray(kl), g
+        return qtheta, jnp.asarray(kl), g
 
     def _point_values(self, blk, st) -> list:
         """Current values of a param / constant block, in the discovery layout (``[K, ...]``).
@@ -822,7 +805,7 @@ class SVAEGuide:
         """
         st = self._setup(args, kwargs)
         obs = self._data_pass(st, args, kwargs, plate_idx)
-        eta, gkl, g = self._qtheta(st)
+        qtheta, gkl, g = self._qtheta(st)
         R, r = self._potentials(st, obs)
         B = R.shape[0]
         key = numpyro.prng_key() if init_key is None else init_key
@@ -833,7 +816,7 @@ class SVAEGuide:
                                                options=self.options, chain=st.family == "hmm",
                                                init_concentration=self.init_concentration,
                                                random_init=st.K > 1)
-            return _Inference(obs, eta, gkl, g, R, r, mf, info)
+            return _Inference(obs, qtheta, gkl, g, R, r, mf, info)
         warm = None
         if self.warm_start and st.K > 1:
             # last step's q(k) per sequence (SVI keeps it in svi_state.mutable_state)
@@ -863,7 +846,7 @@ class SVAEGuide:
                                            random_init=st.K > 1)
         if st.dangling_regime:  # the last regime: q = normalised exp(E log P) rows, its KL
             mf = mf._replace(local_kl=mf.local_kl + _dangling_kl(mf.marginals[:, -1], g.log_P))
-        return _Inference(obs, eta, gkl, g, R, r, mf, info, warm)
+        return _Inference(obs, qtheta, gkl, g, R, r, mf, info, warm)
 
     # -- NumPyro guide -------------------------------------------------------------------------
 
@@ -885,7 +868,7 @@ class SVAEGuide:
                 plate_idx = ix
         inf = self._infer(args, kwargs, plate_idx)
         self._record_diagnostics(inf.info)
-        self._sample_globals(st, inf.eta)
+        self._sample_globals(st, inf.qtheta)
         B = inf.R.shape[0]
         kz, kk = jax.random.split(numpyro.prng_key())
         plate = numpyro.plate(st.sequence_plate, st.N, subsample_size=B)
@@ -959,7 +942,9 @@ class SVAEGuide:
             for p in reversed(plates):
                 p.__exit__(None, None, None)
 
-    def _sample_globals(self, st, eta: dict):
+    def _sample_globals(self, st, qtheta: dict):
+        """Sample sites of the latent globals from q(theta) (``qtheta``: standard form)."""
+        eta = qtheta
         if "init_state" in eta:
             blk = st.init_state
             p = niw_to_numpyro(eta["init_state"])
@@ -1056,7 +1041,7 @@ class SVAEGuide:
             latent_mean=inf.mf.Ez,
             latent_cov=inf.mf.cov,
             local_kl=inf.mf.local_kl,
-            qtheta=self.qtheta_standard(inf.eta),
+            qtheta=inf.qtheta,
             global_kl=inf.global_kl,
             mask=inf.obs.step_mask,
             diagnostics=inf.info,

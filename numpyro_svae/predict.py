@@ -418,12 +418,13 @@ def _log_joint(guide: SVAEGuide, tr, kwargs: dict):
     return log_px, log_pzk, log_ptheta
 
 
-def _sample_theta(guide: SVAEGuide, eta: dict, key: Array):
-    """One draw ``theta ~ q(theta)`` as model site values, and ``log q(theta) []``."""
+def _sample_theta(guide: SVAEGuide, qtheta: dict, key: Array):
+    """One draw ``theta ~ q(theta)`` (``qtheta``: standard form) as model site values, and
+    ``log q(theta) []``."""
     st = guide.structure
     with handlers.block():
         seeded = handlers.seed(guide._sample_globals, rng_seed=key)
-        tr = handlers.trace(seeded).get_trace(st, eta)
+        tr = handlers.trace(seeded).get_trace(st, qtheta)
     values, log_q = {}, 0.0
     for name, s in tr.items():
         if s["type"] == "sample":
@@ -435,7 +436,7 @@ def _sample_theta(guide: SVAEGuide, eta: dict, key: Array):
 class _Post(NamedTuple):
     """The parts of the guide's inference that prediction needs (all arrays)."""
 
-    eta: dict  # block -> natural parameters of q(theta)
+    qtheta: dict  # block -> standard parameters of q(theta)
     globals: Any  # SLDSGlobalPotentials (slds / lds) or IIDGlobalPotentials (hmm / gmm)
     mf: Any  # MFResult or IIDResult, batched over N
     info: Any  # FixedPointInfo batched over N
@@ -446,7 +447,7 @@ class _Post(NamedTuple):
 
 def _infer_stage(guide, others, params, arrays, x, key) -> _Post:
     inf = _infer(guide, params, x, {**dict(others), **arrays}, key)
-    return _Post(inf.eta, inf.globals, inf.mf, inf.info, inf.obs.step_mask, inf.R, inf.r)
+    return _Post(inf.qtheta, inf.globals, inf.mf, inf.info, inf.obs.step_mask, inf.R, inf.r)
 
 
 def _core_stage(core, guide, static, params, arrays, post, *dyn):
@@ -534,7 +535,7 @@ def _forecast_core(guide, static, kwargs, params, inf, x, key) -> Forecast:
     T = st.T
     C = math.ceil(H / T)
     k_th, k_loc, k_sim, k_dec = jax.random.split(key, 4)
-    theta, _ = jax.vmap(lambda kk: _sample_theta(guide, inf.eta, kk))(
+    theta, _ = jax.vmap(lambda kk: _sample_theta(guide, inf.qtheta, kk))(
         jax.random.split(k_th, S))
     k, z, _, _ = _sample_local(guide, inf, k_loc, S, conditional=True)
     dt = z.dtype
@@ -599,7 +600,7 @@ def _forecast_core(guide, static, kwargs, params, inf, x, key) -> Forecast:
 def _iwae_core(guide, static, kwargs, params, inf, x, key) -> IWBound:
     S, proposal = static
     k_th, k_loc, k_run = jax.random.split(key, 3)
-    theta, log_qth = jax.vmap(lambda kk: _sample_theta(guide, inf.eta, kk))(
+    theta, log_qth = jax.vmap(lambda kk: _sample_theta(guide, inf.qtheta, kk))(
         jax.random.split(k_th, S))
     k, z, log_qk, log_qz = _sample_local(guide, inf, k_loc, S,
                                          conditional=proposal == "conditional")

@@ -203,20 +203,28 @@ def mniw_from_numpyro(
         raise ValueError(str(err).replace("`S`", f"`{name}`")) from None
 
 
-def dirichlet_to_numpyro(natural: DirichletNatural) -> Array:
-    """``DirichletNatural`` -> ``Dirichlet`` ``concentration`` ``[..., K]``."""
-    return natural.eta + 1.0
+def dirichlet_to_numpyro(params: DirichletNatural | DirichletStandard) -> Array:
+    """``DirichletNatural`` or ``DirichletStandard`` -> ``Dirichlet`` ``concentration``
+    ``[..., K]``."""
+    if isinstance(params, DirichletStandard):
+        return params.alpha
+    return params.eta + 1.0
 
 
-def niw_to_numpyro(natural: NIWNatural) -> NIWNumPyroParams:
-    """``NIWNatural`` -> the arguments of ``InverseWishart`` and ``MultivariateNormal``."""
-    S, m, lam, nu = niw_to_standard(natural)
+def niw_to_numpyro(params: NIWNatural | NIWStandard) -> NIWNumPyroParams:
+    """``NIWNatural`` or ``NIWStandard`` -> the arguments of ``InverseWishart`` and
+    ``MultivariateNormal`` (standard input avoids the natural -> standard step)."""
+    std = params if isinstance(params, NIWStandard) else niw_to_standard(params)
+    S, m, lam, nu = std
     return NIWNumPyroParams(df=nu, scale_matrix=symmetrize(S), loc=m, lam=lam)
 
 
-def mniw_to_numpyro(natural: MNIWNatural) -> MNIWNumPyroParams:
-    """``MNIWNatural`` -> the arguments of ``InverseWishart`` and ``MatrixNormal``."""
-    S, M, V, nu = mniw_to_standard(natural)
+def mniw_to_numpyro(params: MNIWNatural | MNIWStandard) -> MNIWNumPyroParams:
+    """``MNIWNatural`` or ``MNIWStandard`` -> the arguments of ``InverseWishart`` and
+    ``MatrixNormal`` (standard input avoids the natural -> standard step, which loses ``S``
+    in float32 when ``M V M'`` dwarfs it)."""
+    std = params if isinstance(params, MNIWStandard) else mniw_to_standard(params)
+    S, M, V, nu = std
     return MNIWNumPyroParams(
-        df=nu, scale_matrix=S, loc=M, scale_tril_column=psd_cholesky(psd_inv(V))
+        df=nu, scale_matrix=symmetrize(S), loc=M, scale_tril_column=psd_cholesky(psd_inv(V))
     )

@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import digamma, gammaln
 
-from numpyro_svae.expfam.natgrad import _check_positive, natgrad_map, softplus_inverse
+from numpyro_svae.expfam.natgrad import (
+    _check_positive,
+    natgrad_map,
+    natgrad_terms,
+    softplus_inverse,
+)
 
 Array = jax.Array
 
@@ -34,6 +39,7 @@ __all__ = [
     "dirichlet_sample",
     "dirichlet_from_unconstrained",
     "dirichlet_to_unconstrained",
+    "dirichlet_qtheta_terms",
 ]
 
 
@@ -157,3 +163,35 @@ def dirichlet_to_unconstrained(
 ) -> DirichletUnconstrained:
     """Inverse of :func:`dirichlet_from_unconstrained` (needs ``alpha > min_concentration``)."""
     return _dir_eta_to_u(natural, min_concentration)
+
+
+def dirichlet_qtheta_terms(
+    u: DirichletUnconstrained,
+    prior: DirichletStandard,
+    *,
+    natgrad: bool = True,
+    min_concentration: float = 0.01,
+) -> tuple[DirichletStandard, DirichletStats, Array]:
+    """Standard parameters, ``E[log pi]`` and ``KL(q || prior)`` of a Dirichlet q(theta)
+    factor, with the same interface as :func:`numpyro_svae.expfam.mniw.mniw_qtheta_terms`
+    (``eta = alpha - 1`` is linear, so the natural tangent is the cotangent itself).
+
+    Returns
+    -------
+    tuple
+        ``(DirichletStandard, DirichletStats, kl [])`` with the KL summed over batch axes.
+    """
+    to_std = lambda v: DirichletStandard(jax.nn.softplus(v.u) + min_concentration)
+    to_u = lambda s: DirichletUnconstrained(softplus_inverse(s.alpha - min_concentration))
+    nat = lambda s: DirichletNatural(s.alpha - 1.0)
+    prior = DirichletStandard(jnp.broadcast_to(jnp.asarray(prior.alpha, u.u.dtype), u.u.shape))
+    return natgrad_terms(
+        u, prior,
+        to_standard=to_std,
+        to_unconstrained=to_u,
+        expected_stats=lambda s: dirichlet_expected_stats(nat(s)),
+        kl=lambda q, p: jnp.sum(dirichlet_kl(nat(q), nat(p))),
+        natural_tangent=lambda s, g: DirichletStandard(g[0]),
+        kl_direction=lambda q, p: DirichletStandard(q.alpha - p.alpha),
+        natgrad=natgrad,
+    )

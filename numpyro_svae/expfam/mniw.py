@@ -37,6 +37,7 @@ from numpyro_svae.expfam.natgrad import (
     _check_positive,
     _check_square,
     natgrad_map,
+    natgrad_terms,
     pd_from_unconstrained,
     pd_to_unconstrained,
     softplus_inverse,
@@ -62,6 +63,10 @@ __all__ = [
     "mniw_sample",
     "mniw_from_unconstrained",
     "mniw_to_unconstrained",
+    "mniw_log_normalizer_standard",
+    "mniw_expected_stats_standard",
+    "mniw_kl_standard",
+    "mniw_qtheta_terms",
 ]
 
 
@@ -173,7 +178,12 @@ def mniw_to_standard(natural: MNIWNatural) -> MNIWStandard:
 
 def mniw_log_normalizer(natural: MNIWNatural) -> Array:
     """Log-normaliser ``A(eta)`` ``[...]`` (see the module docstring for the formula)."""
-    S, _, V, nu = mniw_to_standard(natural)
+    return mniw_log_normalizer_standard(mniw_to_standard(natural))
+
+
+def mniw_log_normalizer_standard(standard: MNIWStandard) -> Array:
+    """``A(eta)`` ``[...]`` evaluated from standard parameters (no natural -> standard step)."""
+    S, _, V, nu = standard
     D, Din = S.shape[-1], V.shape[-1]
     return (
         0.5 * nu * (D * jnp.log(2.0) - chol_logdet(psd_cholesky(S)))
@@ -193,7 +203,12 @@ def mniw_expected_stats(natural: MNIWNatural) -> MNIWStats:
     -------
     MNIWStats
     """
-    S, M, V, nu = mniw_to_standard(natural)
+    return mniw_expected_stats_standard(mniw_to_standard(natural))
+
+
+def mniw_expected_stats_standard(standard: MNIWStandard) -> MNIWStats:
+    """:func:`mniw_expected_stats` evaluated from standard parameters."""
+    S, M, V, nu = standard
     D, Din = S.shape[-1], V.shape[-1]
     L_S, L_V = psd_cholesky(S), psd_cholesky(V)
     eye_D = jnp.broadcast_to(jnp.eye(D, dtype=S.dtype), S.shape)
@@ -226,6 +241,54 @@ def mniw_kl(q: MNIWNatural, p: MNIWNatural) -> Array:
         - mniw_log_normalizer(q)
         + mniw_log_normalizer(p)
     )
+
+
+def mniw_kl_standard(q: MNIWStandard, p: MNIWStandard) -> Array:
+    """``KL(q || p)`` ``[...]`` from standard parameters, without cancellation.
+
+    Expanding ``<eta_q - eta_p, E_q t>``, the terms in ``M_q V_q M_q'`` cancel exactly, leaving
+    ``-tr((S_q - S_p) E L) / 2 + tr(dM V_p dM' E L) / 2 - D (Din - tr(V_p V_q^-1)) / 2
+    + (nu_q - nu_p) E log|L| / 2 - A_q + A_p`` with ``dM = M_q - M_p``, ``E L = nu_q S_q^-1``.
+    """
+    S, M, V, nu = q
+    D, Din = S.shape[-1], V.shape[-1]
+    L_S, L_V = psd_cholesky(S), psd_cholesky(V)
+    eye_D = jnp.broadcast_to(jnp.eye(D, dtype=S.dtype), S.shape)
+    E_L = symmetrize(nu[..., None, None] * cho_solve((L_S, True), eye_D))
+    dM = M - p.M
+    E_logdet = multidigamma(0.5 * nu, D) + D * jnp.log(2.0) - chol_logdet(L_S)
+    tr = lambda a, b: jnp.sum(a * _mT(b), axis=(-2, -1))  # tr(a b)
+    return (
+        -0.5 * tr(S - p.S, E_L)
+        + 0.5 * tr(dM @ p.V @ _mT(dM), E_L)
+        - 0.5 * D * (Din - jnp.trace(cho_solve((L_V, True), p.V), axis1=-2, axis2=-1))
+        + 0.5 * (nu - p.nu) * E_logdet
+        - mniw_log_normalizer_standard(q)
+        + mniw_log_normalizer_standard(p)
+    )
+
+
+def _mniw_natural_tangent(std: MNIWStandard, g: MNIWNatural) -> MNIWStandard:
+    """``(d std / d eta) g``: the tangent of natural -> standard, from standard parameters.
+
+    ``M' = V^-1 eta2`` and ``S = eta1 - eta2' V^-1 eta2`` give ``dV = g3``,
+    ``dM' = V^-1 (g2 - g3 M')``, ``dS = g1 - g2' M' - M g2 + M g3 M'``, ``dnu = g4``."""
+    g1, g2, g3, g4 = symmetrize(g[0]), g[1], symmetrize(g[2]), g[3]
+    S, M, V, _ = std
+    Mt = _mT(M)
+    dMt = cho_solve((psd_cholesky(V), True), g2 - g3 @ Mt)
+    MG2 = M @ g2
+    dS = symmetrize(g1 - _mT(MG2) - MG2 + M @ g3 @ Mt)
+    return MNIWStandard(S=dS, M=_mT(dMt), V=g3, nu=g4)
+
+
+def _mniw_kl_direction(q: MNIWStandard, p: MNIWStandard) -> MNIWStandard:
+    """``(d std / d eta)(eta_q - eta_p)`` in closed form: ``dS = S_q - S_p - dM V_p dM'``,
+    ``dM = dM V_p V_q^-1``, ``dV = V_q - V_p``, ``dnu = nu_q - nu_p`` (``dM = M_q - M_p``)."""
+    dM = q.M - p.M
+    dMt = cho_solve((psd_cholesky(q.V), True), p.V @ _mT(dM))
+    dS = symmetrize(q.S - p.S - dM @ p.V @ _mT(dM))
+    return MNIWStandard(S=dS, M=_mT(dMt), V=q.V - p.V, nu=q.nu - p.nu)
 
 
 def mniw_entropy(natural: MNIWNatural) -> Array:
@@ -277,19 +340,18 @@ def mniw_sample(
 # ----------------------------------------------------------------------------------------
 
 
-def _mniw_u_to_eta(u: MNIWUnconstrained, jitter_S: float, jitter_V: float,
-                   dof_eps: float) -> MNIWNatural:
-    D, Din = u.S_raw.shape[-1], u.V_raw.shape[-1]
+def _mniw_u_to_std(u: MNIWUnconstrained, jitter_S: float, jitter_V: float,
+                   dof_eps: float) -> MNIWStandard:
+    D = u.S_raw.shape[-1]
     S = pd_from_unconstrained(u.S_raw, jitter_S)
     V = pd_from_unconstrained(u.V_raw, jitter_V)
     nu = jax.nn.softplus(u.nu_raw) + (D - 1 + dof_eps)
-    VMt = V @ _mT(u.M)
-    return MNIWNatural(S + u.M @ VMt, VMt, V, nu + D + Din + 1)
+    return MNIWStandard(S, u.M, V, nu)
 
 
-def _mniw_eta_to_u(eta: MNIWNatural, jitter_S: float, jitter_V: float,
+def _mniw_std_to_u(std: MNIWStandard, jitter_S: float, jitter_V: float,
                    dof_eps: float) -> MNIWUnconstrained:
-    S, M, V, nu = mniw_to_standard(eta)
+    S, M, V, nu = std
     D = S.shape[-1]
     return MNIWUnconstrained(
         S_raw=pd_to_unconstrained(S, jitter_S),
@@ -297,6 +359,23 @@ def _mniw_eta_to_u(eta: MNIWNatural, jitter_S: float, jitter_V: float,
         V_raw=pd_to_unconstrained(V, jitter_V),
         nu_raw=softplus_inverse(nu - (D - 1 + dof_eps)),
     )
+
+
+def _std_to_eta(std: MNIWStandard) -> MNIWNatural:
+    S, M, V, nu = std
+    D, Din = S.shape[-1], V.shape[-1]
+    VMt = V @ _mT(M)
+    return MNIWNatural(S + M @ VMt, VMt, V, nu + D + Din + 1)
+
+
+def _mniw_u_to_eta(u: MNIWUnconstrained, jitter_S: float, jitter_V: float,
+                   dof_eps: float) -> MNIWNatural:
+    return _std_to_eta(_mniw_u_to_std(u, jitter_S, jitter_V, dof_eps))
+
+
+def _mniw_eta_to_u(eta: MNIWNatural, jitter_S: float, jitter_V: float,
+                   dof_eps: float) -> MNIWUnconstrained:
+    return _mniw_std_to_u(mniw_to_standard(eta), jitter_S, jitter_V, dof_eps)
 
 
 def mniw_from_unconstrained(
@@ -338,3 +417,48 @@ def mniw_to_unconstrained(
     """Inverse of :func:`mniw_from_unconstrained` (needs ``S - jitter_S I`` and
     ``V - jitter_V I`` PD).  The strict upper triangles of the raw matrices are zero."""
     return _mniw_eta_to_u(natural, jitter_S, jitter_V, dof_eps)
+
+
+def mniw_qtheta_terms(
+    u: MNIWUnconstrained,
+    prior: MNIWStandard,
+    *,
+    natgrad: bool = True,
+    jitter_S: float = 1e-3,
+    jitter_V: float = 1e-3,
+    dof_eps: float = 1e-6,
+) -> tuple[MNIWStandard, MNIWStats, Array]:
+    """Standard parameters, ``E[t]`` and ``KL(q || prior)`` of an MNIW q(theta) factor.
+
+    The float32-safe replacement of ``mniw_from_unconstrained`` + ``straight_through`` +
+    ``prior_kl_natgrad_form``: everything is computed from the standard parameters that the
+    unconstrained map produces (see :func:`numpyro_svae.expfam.natgrad.natgrad_terms`), with
+    the same natural-gradient VJP when ``natgrad``.
+
+    Parameters
+    ----------
+    u : MNIWUnconstrained
+        Batch shape ``[...]`` (``[K]`` regimes).
+    prior : MNIWStandard
+        Prior, broadcastable to ``u``'s batch shape.
+    natgrad, jitter_S, jitter_V, dof_eps
+        As in :func:`mniw_from_unconstrained`.
+
+    Returns
+    -------
+    tuple
+        ``(MNIWStandard, MNIWStats, kl [])`` with the KL summed over the batch.
+    """
+    shapes = (u.S_raw.shape, u.M.shape, u.V_raw.shape, u.nu_raw.shape)
+    prior = MNIWStandard(*(jnp.broadcast_to(jnp.asarray(a, u.M.dtype), b)
+                           for a, b in zip(prior, shapes, strict=True)))
+    return natgrad_terms(
+        u, prior,
+        to_standard=lambda v: _mniw_u_to_std(v, jitter_S, jitter_V, dof_eps),
+        to_unconstrained=lambda s: _mniw_std_to_u(s, jitter_S, jitter_V, dof_eps),
+        expected_stats=mniw_expected_stats_standard,
+        kl=lambda q, p: jnp.sum(mniw_kl_standard(q, p)),
+        natural_tangent=_mniw_natural_tangent,
+        kl_direction=_mniw_kl_direction,
+        natgrad=natgrad,
+    )

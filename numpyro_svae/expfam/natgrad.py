@@ -36,6 +36,7 @@ __all__ = [
     "straight_through",
     "prior_kl_natgrad_form",
     "natgrad_map",
+    "natgrad_terms",
     "tree_vdot",
     "softplus_inverse",
     "pd_from_unconstrained",
@@ -181,6 +182,85 @@ def natgrad_map(
 
     mapped.defvjp(fwd, bwd)
     return mapped
+
+
+def natgrad_terms(
+    u: PyTree,
+    prior: PyTree,
+    *,
+    to_standard: Callable[[PyTree], PyTree],
+    to_unconstrained: Callable[[PyTree], PyTree],
+    expected_stats: Callable[[PyTree], PyTree],
+    kl: Callable[[PyTree, PyTree], Array],
+    natural_tangent: Callable[[PyTree, PyTree], PyTree],
+    kl_direction: Callable[[PyTree, PyTree], PyTree],
+    natgrad: bool = True,
+) -> tuple[PyTree, PyTree, Array]:
+    """A q(theta) factor's standard parameters, ``E[t]`` and prior KL, all from standard form.
+
+    Equivalent (in exact arithmetic) to ``eta = *_from_unconstrained(u)``,
+    ``straight_through(expected_stats, eta)`` and :func:`prior_kl_natgrad_form`, but nothing is
+    recovered from natural parameters: for an MNIW with a large mean ``M`` and precision
+    ``V``, ``eta1 = S + M V M'`` dwarfs ``S`` and float32 loses ``S`` entirely when it is
+    recovered as ``eta1 - M V M'`` (NaN in long mocap6 runs; docs/design.md).
+
+    With ``natgrad`` the returned statistics and KL share a custom VJP: cotangents ``g`` (on
+    ``E[t]``, i.e. the natural gradient in ``eta``) and ``c`` (on the KL) map to
+    ``du = (du / d std) [natural_tangent(std, g) + c kl_direction(std, prior)]``, the
+    natural gradient in ``u``; ``kl_direction`` is ``(d std / d eta)(eta - eta0)``, written in
+    standard parameters so that it, too, is free of cancellation.  Without ``natgrad``
+    ordinary autodiff runs through the same formulas (Euclidean gradients in ``u``).
+
+    Parameters
+    ----------
+    u : pytree
+        Unconstrained coordinates (``*Unconstrained``).
+    prior : pytree
+        Standard parameters of the prior (constants; they receive a zero cotangent).
+    to_standard, to_unconstrained : callable
+        ``u -> std`` and its inverse.
+    expected_stats : callable
+        ``std -> E[t]`` (same leaves as the natural parameters).
+    kl : callable
+        ``(std_q, std_p) -> KL(q || p)`` with any batch axes summed, ``[]``.
+    natural_tangent : callable
+        ``(std, g) -> (d std / d eta) g``; must symmetrise matrix leaves of ``g``.
+    kl_direction : callable
+        ``(std_q, std_p) -> (d std / d eta)(eta_q - eta_p)``.
+    natgrad : bool
+        Natural-gradient VJP (default) or plain autodiff.
+
+    Returns
+    -------
+    tuple
+        ``(std, E[t], kl)``.  ``std`` carries ordinary (Euclidean) gradients; it is meant for
+        sampling and reporting.
+    """
+    std = to_standard(u)
+    if not natgrad:
+        return std, expected_stats(std), kl(std, prior)
+
+    @jax.custom_vjp
+    def terms(u, prior):
+        s = to_standard(u)
+        return expected_stats(s), kl(s, prior)
+
+    def fwd(u, prior):
+        s = to_standard(u)
+        return (expected_stats(s), kl(s, prior)), (s, prior)
+
+    def bwd(res, cts):
+        s, prior = res
+        g, c = cts
+        tangent = natural_tangent(s, g)
+        direction = kl_direction(s, prior)
+        tangent = jax.tree.map(lambda a, b: a + c * b, tangent, direction)
+        _, du = jax.jvp(to_unconstrained, (s,), (tangent,))
+        return du, jax.tree.map(jnp.zeros_like, prior)
+
+    terms.defvjp(fwd, bwd)
+    stats, kl_value = terms(u, prior)
+    return std, stats, kl_value
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,12 +24,20 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from numpyro_svae._linalg import LOG_2PI, chol_logdet, multidigamma, multigammaln, psd_cholesky
+from numpyro_svae._linalg import (
+    LOG_2PI,
+    chol_logdet,
+    multidigamma,
+    multigammaln,
+    psd_cholesky,
+    symmetrize,
+)
 from numpyro_svae.expfam.natgrad import (
     _check_pd,
     _check_positive,
     _check_square,
     natgrad_map,
+    natgrad_terms,
     pd_from_unconstrained,
     pd_to_unconstrained,
     softplus_inverse,
@@ -54,6 +62,10 @@ __all__ = [
     "niw_sample",
     "niw_from_unconstrained",
     "niw_to_unconstrained",
+    "niw_log_normalizer_standard",
+    "niw_expected_stats_standard",
+    "niw_kl_standard",
+    "niw_qtheta_terms",
 ]
 
 
@@ -163,7 +175,12 @@ def niw_to_standard(natural: NIWNatural) -> NIWStandard:
 
 def niw_log_normalizer(natural: NIWNatural) -> Array:
     """Log-normaliser ``A(eta)`` ``[...]`` (see the module docstring for the formula)."""
-    S, _, lam, nu = niw_to_standard(natural)
+    return niw_log_normalizer_standard(niw_to_standard(natural))
+
+
+def niw_log_normalizer_standard(standard: NIWStandard) -> Array:
+    """``A(eta)`` ``[...]`` evaluated from standard parameters."""
+    S, _, lam, nu = standard
     D = S.shape[-1]
     logdet_S = chol_logdet(psd_cholesky(S))
     return (
@@ -184,7 +201,12 @@ def niw_expected_stats(natural: NIWNatural) -> NIWStats:
     -------
     NIWStats
     """
-    S, m, lam, nu = niw_to_standard(natural)
+    return niw_expected_stats_standard(niw_to_standard(natural))
+
+
+def niw_expected_stats_standard(standard: NIWStandard) -> NIWStats:
+    """:func:`niw_expected_stats` evaluated from standard parameters."""
+    S, m, lam, nu = standard
     D = S.shape[-1]
     L = psd_cholesky(S)
     eye = jnp.broadcast_to(jnp.eye(D, dtype=S.dtype), S.shape)
@@ -213,6 +235,47 @@ def niw_kl(q: NIWNatural, p: NIWNatural) -> Array:
     """``KL(q || p) = <eta_q - eta_p, E_q t> - A(eta_q) + A(eta_p)``, shape ``[...]``."""
     diff = NIWNatural(*(a - b for a, b in zip(q, p, strict=True)))
     return _event_dot(diff, niw_expected_stats(q)) - niw_log_normalizer(q) + niw_log_normalizer(p)
+
+
+def niw_kl_standard(q: NIWStandard, p: NIWStandard) -> Array:
+    """``KL(q || p)`` ``[...]`` from standard parameters, without cancellation (the MNIW
+    formula with ``Din = 1``, ``V = lam``): ``-tr((S_q - S_p) E tau) / 2
+    + lam_p dm' E tau dm / 2 - D (1 - lam_p / lam_q) / 2 + (nu_q - nu_p) E log|tau| / 2
+    - A_q + A_p``."""
+    S, m, lam, nu = q
+    D = S.shape[-1]
+    L = psd_cholesky(S)
+    eye = jnp.broadcast_to(jnp.eye(D, dtype=S.dtype), S.shape)
+    E_tau = symmetrize(nu[..., None, None] * cho_solve((L, True), eye))
+    dm = m - p.m
+    E_logdet = multidigamma(0.5 * nu, D) + D * jnp.log(2.0) - chol_logdet(L)
+    return (
+        -0.5 * jnp.sum((S - p.S) * E_tau, axis=(-2, -1))
+        + 0.5 * p.lam * jnp.einsum("...i,...ij,...j->...", dm, E_tau, dm)
+        - 0.5 * D * (1.0 - p.lam / lam)
+        + 0.5 * (nu - p.nu) * E_logdet
+        - niw_log_normalizer_standard(q)
+        + niw_log_normalizer_standard(p)
+    )
+
+
+def _niw_natural_tangent(std: NIWStandard, g: NIWNatural) -> NIWStandard:
+    """``(d std / d eta) g`` from standard parameters: ``dlam = g3``,
+    ``dm = (g2 - g3 m) / lam``, ``dS = g1 - g2 m' - m g2' + g3 m m'``, ``dnu = g4``."""
+    g1, g2, g3, g4 = symmetrize(g[0]), g[1], g[2], g[3]
+    _, m, lam, _ = std
+    outer = lambda a, b: a[..., :, None] * b[..., None, :]
+    dS = g1 - outer(g2, m) - outer(m, g2) + g3[..., None, None] * outer(m, m)
+    return NIWStandard(S=dS, m=(g2 - g3[..., None] * m) / lam[..., None], lam=g3, nu=g4)
+
+
+def _niw_kl_direction(q: NIWStandard, p: NIWStandard) -> NIWStandard:
+    """``(d std / d eta)(eta_q - eta_p)``: ``dS = S_q - S_p - lam_p dm dm'``,
+    ``dm = (lam_p / lam_q) dm``, ``dlam = lam_q - lam_p``, ``dnu = nu_q - nu_p``."""
+    dm = q.m - p.m
+    dS = q.S - p.S - p.lam[..., None, None] * dm[..., :, None] * dm[..., None, :]
+    return NIWStandard(S=dS, m=(p.lam / q.lam)[..., None] * dm, lam=q.lam - p.lam,
+                       nu=q.nu - p.nu)
 
 
 def niw_entropy(natural: NIWNatural) -> Array:
@@ -273,18 +336,16 @@ def niw_sample(key: Array, natural: NIWNatural, sample_shape: tuple[int, ...] = 
 # ----------------------------------------------------------------------------------------
 
 
-def _niw_u_to_eta(u: NIWUnconstrained, jitter: float, dof_eps: float) -> NIWNatural:
+def _niw_u_to_std(u: NIWUnconstrained, jitter: float, dof_eps: float) -> NIWStandard:
     D = u.S_raw.shape[-1]
     S = pd_from_unconstrained(u.S_raw, jitter)
     lam = jax.nn.softplus(u.lam_raw)
     nu = jax.nn.softplus(u.nu_raw) + (D - 1 + dof_eps)
-    lam_ = lam[..., None]
-    return NIWNatural(S + lam_[..., None] * u.m[..., :, None] * u.m[..., None, :],
-                      lam_ * u.m, lam, nu + D + 2)
+    return NIWStandard(S, u.m, lam, nu)
 
 
-def _niw_eta_to_u(eta: NIWNatural, jitter: float, dof_eps: float) -> NIWUnconstrained:
-    S, m, lam, nu = niw_to_standard(eta)
+def _niw_std_to_u(std: NIWStandard, jitter: float, dof_eps: float) -> NIWUnconstrained:
+    S, m, lam, nu = std
     D = S.shape[-1]
     return NIWUnconstrained(
         S_raw=pd_to_unconstrained(S, jitter),
@@ -292,6 +353,18 @@ def _niw_eta_to_u(eta: NIWNatural, jitter: float, dof_eps: float) -> NIWUnconstr
         lam_raw=softplus_inverse(lam),
         nu_raw=softplus_inverse(nu - (D - 1 + dof_eps)),
     )
+
+
+def _niw_u_to_eta(u: NIWUnconstrained, jitter: float, dof_eps: float) -> NIWNatural:
+    S, m, lam, nu = _niw_u_to_std(u, jitter, dof_eps)
+    D = S.shape[-1]
+    lam_ = lam[..., None]
+    return NIWNatural(S + lam_[..., None] * m[..., :, None] * m[..., None, :],
+                      lam_ * m, lam, nu + D + 2)
+
+
+def _niw_eta_to_u(eta: NIWNatural, jitter: float, dof_eps: float) -> NIWUnconstrained:
+    return _niw_std_to_u(niw_to_standard(eta), jitter, dof_eps)
 
 
 def niw_from_unconstrained(
@@ -329,3 +402,35 @@ def niw_to_unconstrained(
     """Inverse of :func:`niw_from_unconstrained` (needs ``S - jitter I`` PD and
     ``nu > D - 1 + dof_eps``).  The strict upper triangle of ``S_raw`` is zero."""
     return _niw_eta_to_u(natural, jitter, dof_eps)
+
+
+def niw_qtheta_terms(
+    u: NIWUnconstrained,
+    prior: NIWStandard,
+    *,
+    natgrad: bool = True,
+    jitter: float = 1e-6,
+    dof_eps: float = 1e-6,
+) -> tuple[NIWStandard, NIWStats, Array]:
+    """Standard parameters, ``E[t]`` and ``KL(q || prior)`` of an NIW q(theta) factor,
+    computed from standard parameters (float32-safe; see
+    :func:`numpyro_svae.expfam.mniw.mniw_qtheta_terms`).
+
+    Returns
+    -------
+    tuple
+        ``(NIWStandard, NIWStats, kl [])`` with the KL summed over any batch axes.
+    """
+    shapes = (u.S_raw.shape, u.m.shape, u.lam_raw.shape, u.nu_raw.shape)
+    prior = NIWStandard(*(jnp.broadcast_to(jnp.asarray(a, u.m.dtype), b)
+                          for a, b in zip(prior, shapes, strict=True)))
+    return natgrad_terms(
+        u, prior,
+        to_standard=lambda v: _niw_u_to_std(v, jitter, dof_eps),
+        to_unconstrained=lambda s: _niw_std_to_u(s, jitter, dof_eps),
+        expected_stats=niw_expected_stats_standard,
+        kl=lambda q, p: jnp.sum(niw_kl_standard(q, p)),
+        natural_tangent=_niw_natural_tangent,
+        kl_direction=_niw_kl_direction,
+        natgrad=natgrad,
+    )

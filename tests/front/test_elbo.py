@@ -9,8 +9,8 @@ from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 
 from numpyro_svae.elbo import SVAE_ELBO
-from numpyro_svae.expfam.mniw import MNIWUnconstrained, mniw_from_unconstrained
-from numpyro_svae.expfam.niw import NIWUnconstrained, niw_from_unconstrained
+from numpyro_svae.expfam.mniw import MNIWUnconstrained, mniw_from_unconstrained, mniw_to_natural
+from numpyro_svae.expfam.niw import NIWUnconstrained, niw_from_unconstrained, niw_to_natural
 from numpyro_svae.guide import DIAGNOSTICS_SITE, SVAEGuide
 from numpyro_svae.nn import GaussianPotentialEncoder
 from numpyro_svae.optim import natural_gradient
@@ -87,7 +87,8 @@ def test_natgrad_step_equals_vb_update(key):
         st = guide.structure
         with handlers.block(), handlers.seed(rng_seed=0), handlers.substitute(data=params):
             inf = guide._infer((x,), kw)
-        eta0 = {n: guide._prior_natural(n, b) for n, b in guide._blocks(st).items()}
+        to_nat = {"init_state": niw_to_natural, "dynamics": mniw_to_natural}
+        eta0 = {n: to_nat[n](guide._prior_standard(n, b)) for n, b in guide._blocks(st).items()}
         oracle = _vb_update(inf, eta0)
         names = {"init_state": (NIWUnconstrained, niw_from_unconstrained),
                  "dynamics": (MNIWUnconstrained, mniw_from_unconstrained)}
