@@ -55,6 +55,7 @@ unless ``--out`` is given).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -77,7 +78,9 @@ METRIC_KEYS = ("ari", "accuracy", "impute_rmse", "impute_loglik", "heldout_bound
 # per data set: SVAE sizes and steps, baseline EM iterations, windows and gaps
 CONFIG = {
     "mocap6": dict(K=8, window=100, stride=50, D=4, hidden=64, steps=500, lr=3e-3,
-                   natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1, gaps_per_seq=5),
+                   natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1, gaps_per_seq=5,
+                   kl_warmup_steps=250, kl_warmup_weight=0.1,
+                   init="arhmm", init_pseudo_count=0.1, final_steps=500, final_net_lr=0.0),
     "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
                           natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
                           gaps_per_seq=2),
@@ -193,6 +196,64 @@ def eval_guide(run, fcfg: cli.FitConfig, data: cli.Data, N: int, T: int):
     return SVAEGuide(run.model, encoder=enc, max_iters=fcfg.max_iters)
 
 
+def _train(run, x, kw, state, steps: int, warm: int, warm_weight: float, tag: str):
+    """``steps`` SVI steps with ``stable_update`` (the first ``warm`` with the local KL
+    weighted by ``warm_weight``); returns (state, losses [steps], compile seconds)."""
+    update = jax.jit(lambda s: run.svi.stable_update(s, x, **kw))
+    warm = min(int(warm), steps)
+    if warm:  # first `warm` steps with the local KL down-weighted (a second compilation)
+        from numpyro.infer import SVI
+
+        from numpyro_svae.elbo import SVAE_ELBO
+
+        svi_w = SVI(run.model, run.guide, run.svi.optim,
+                    loss=SVAE_ELBO(local_kl_weight=warm_weight))
+        # share what SVI.init set up (no second eager initialisation)
+        svi_w.constrain_fn, svi_w.static_kwargs = run.svi.constrain_fn, run.svi.static_kwargs
+        update_w = jax.jit(lambda s: svi_w.stable_update(s, x, **kw))
+    losses = np.empty(steps)
+    compile_s = 0.0
+    t1 = time.time()
+    for i in range(steps):
+        state, loss = (update_w if i < warm else update)(state)
+        losses[i] = float(loss)
+        if i == 0:
+            compile_s = time.time() - t1
+        if i % 50 == 0 or i == steps - 1:
+            log(f"  {tag} step {i}: loss {losses[i]:.6g}")
+    return state, losses, compile_s
+
+
+def _arhmm_start(run, fcfg: cli.FitConfig, data: cli.Data, cfg: dict, fast: bool,
+                 timing: dict):
+    """Switching initialisation (``numpyro_svae.initialize``): an LDS-SVAE with the same
+    networks, an AR-HMM on its latent means, q(theta) of the SLDS from that segmentation."""
+    from numpyro_svae.initialize import arhmm_init
+
+    t0 = time.time()
+    fcfg1 = dataclasses.replace(fcfg, family="lds", K=1)
+    run1 = cli.build(fcfg1, data)
+    x, kw1 = data.train_x, run1.model_kwargs
+    state1 = run1.svi.init(jax.random.PRNGKey(SEED), x, **kw1)
+    steps1 = FAST["steps"] if fast else cfg["steps"]
+    # the LDS-SVAE row's recipe (same steps and local-KL warm-up)
+    state1, losses1, _ = _train(run1, x, kw1, state1, steps1, cfg.get("kl_warmup_steps", 0),
+                                cfg.get("kl_warmup_weight", 0.1), "init lds")
+    params1 = run1.svi.get_params(state1)
+    z = np.asarray(run1.guide.posterior(params1, x, **kw1).latent_mean)
+    prefix = run1.guide.prefix
+    carry = {k: v for k, v in params1.items() if not k.startswith(f"{prefix}dynamics.")}
+    kw = run.model_kwargs
+    init = arhmm_init(run.guide, z, rng_key=jax.random.key(SEED), model_args=(x,),
+                      model_kwargs=kw, num_iters=FAST["em_iters"] if fast else cfg["em_iters"],
+                      pseudo_count=cfg.get("init_pseudo_count", 1.0), carry=carry)
+    timing.update(init_seconds=time.time() - t0, init_final_loss=float(losses1[-1]),
+                  init_transitions_per_regime=[int(c) for c in init.transitions_per_regime])
+    log(f"  switching init: {time.time() - t0:.0f} s, transitions per regime "
+        f"{init.transitions_per_regime.tolist()}")
+    return init.params
+
+
 def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarray,
              fast: bool, dataset: str) -> tuple[dict, dict]:
     fcfg = cli.FitConfig(dataset=dataset, family=family, K=K, D=cfg["D"], hidden=cfg["hidden"],
@@ -202,33 +263,33 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
     t0 = time.time()
     run = cli.build(fcfg, data)
     x, kw = data.train_x, run.model_kwargs
-    state = run.svi.init(jax.random.PRNGKey(SEED), x, **kw)
+    init_params = None
+    if family == "slds" and cfg.get("init") == "arhmm":
+        init_params = _arhmm_start(run, fcfg, data, cfg, fast, timing)
+        if cfg.get("final_net_lr") is not None:  # networks slower (0: frozen) from here on
+            import copy
+
+            import optax
+            from numpyro.infer import SVI
+
+            from numpyro_svae.elbo import SVAE_ELBO
+            from numpyro_svae.optim import natural_gradient
+
+            lr = cfg["final_net_lr"]
+            other = optax.set_to_zero() if lr == 0 else optax.adam(lr)
+            run = copy.copy(run)
+            run.svi = SVI(run.model, run.guide,
+                          natural_gradient(natgrad_lr=cfg["natgrad_lr"], other=other),
+                          loss=SVAE_ELBO())
+    state = run.svi.init(jax.random.PRNGKey(SEED), x, init_params=init_params, **kw)
     timing["init"] = time.time() - t0
-    # stable_update: a non-finite step keeps the state (counted in timing['skipped_steps'])
-    update = jax.jit(lambda s: run.svi.stable_update(s, x, **kw))
-    steps = FAST["steps"] if fast else cfg["steps"]
-    warm = min(int(cfg.get("kl_warmup_steps", 0)), steps)
-    if warm:  # first `warm` steps with the local KL down-weighted (a second compilation)
-        from numpyro.infer import SVI
-
-        from numpyro_svae.elbo import SVAE_ELBO
-
-        svi_w = SVI(run.model, run.guide, run.svi.optim,
-                    loss=SVAE_ELBO(local_kl_weight=cfg["kl_warmup_weight"]))
-        # share what SVI.init set up (no second eager initialisation)
-        svi_w.constrain_fn, svi_w.static_kwargs = run.svi.constrain_fn, run.svi.static_kwargs
-        update_w = jax.jit(lambda s: svi_w.stable_update(s, x, **kw))
-    losses = np.empty(steps)
+    steps = FAST["steps"] if fast else (
+        cfg.get("final_steps", cfg["steps"]) if init_params else cfg["steps"])
+    warm = 0 if init_params is not None else cfg.get("kl_warmup_steps", 0)
     t1 = time.time()
-    for i in range(steps):
-        state, loss = (update_w if i < warm else update)(state)
-        losses[i] = float(loss)
-        if i == 0:
-            timing["compile_first_step"] = time.time() - t1
-            t1 = time.time()
-        if i % 50 == 0 or i == steps - 1:
-            log(f"  {family} step {i}: loss {losses[i]:.6g}")
-    timing["steps"] = time.time() - t1
+    state, losses, timing["compile_first_step"] = _train(
+        run, x, kw, state, steps, warm, cfg.get("kl_warmup_weight", 0.1), family)
+    timing["steps"] = time.time() - t1 - timing["compile_first_step"]
     timing["skipped_steps"] = int(np.sum(~np.isfinite(losses)))
     timing["seconds_per_step"] = timing["steps"] / max(steps - 1, 1)
     if not np.any(np.isfinite(losses[-50:])):
@@ -443,13 +504,16 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=sorted(CONFIG), default=None)
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     p.add_argument("--out", default=None, help="results file (default bench/results/real.json)")
-    p.add_argument("--kl-warmup", type=int, default=0, metavar="STEPS",
-                   help="SVAEs: first STEPS steps with SVAE_ELBO(local_kl_weight=W) (default 0; "
-                        "the loss logged then is the weighted one)")
-    p.add_argument("--kl-warmup-weight", type=float, default=0.1, metavar="W")
+    p.add_argument("--kl-warmup", type=int, default=None, metavar="STEPS",
+                   help="SVAEs: first STEPS steps with SVAE_ELBO(local_kl_weight=W) (default: "
+                        "CONFIG's kl_warmup_steps; the loss logged then is the weighted one)")
+    p.add_argument("--kl-warmup-weight", type=float, default=None, metavar="W")
     args = p.parse_args(argv)
     for c in CONFIG.values():
-        c.update(kl_warmup_steps=args.kl_warmup, kl_warmup_weight=args.kl_warmup_weight)
+        if args.kl_warmup is not None:
+            c["kl_warmup_steps"] = args.kl_warmup
+        if args.kl_warmup_weight is not None:
+            c["kl_warmup_weight"] = args.kl_warmup_weight
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     if bad:

@@ -28,6 +28,7 @@ MODULES = [
     "numpyro_svae.nn",
     "numpyro_svae.models",
     "numpyro_svae.predict",
+    "numpyro_svae.initialize",
     "numpyro_svae.diagnostics",
     "numpyro_svae.metrics",
     "numpyro_svae.datasets",

@@ -9,11 +9,13 @@ Public API (see README.md and docs/):
 - :mod:`numpyro_svae.models`: ready-made SLDS / LDS / HMM models;
 - :func:`impute`, :func:`forecast`, :func:`importance_weighted_bound`: prediction;
 - :func:`to_inference_data`: ArviZ export;
+- :mod:`numpyro_svae.initialize`: switching initialisation of an SLDS-SVAE from an AR-HMM
+  fitted to latents (:func:`~numpyro_svae.initialize.arhmm_init`);
 - the pure-JAX layers :mod:`~numpyro_svae.messages`, :mod:`~numpyro_svae.expfam`,
   :mod:`~numpyro_svae.meanfield`.
 """
 
-from numpyro_svae import datasets, expfam, meanfield, messages, metrics, models, nn
+from numpyro_svae import datasets, expfam, initialize, meanfield, messages, metrics, models, nn
 from numpyro_svae.diagnostics import to_inference_data
 from numpyro_svae.elbo import SVAE_ELBO
 from numpyro_svae.guide import SVAEGuide, SVAEPosterior
@@ -34,6 +36,7 @@ __all__ = [
     "forecast",
     "importance_weighted_bound",
     "impute",
+    "initialize",
     "meanfield",
     "messages",
     "metrics",

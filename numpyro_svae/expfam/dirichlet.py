@@ -159,10 +159,13 @@ def dirichlet_from_unconstrained(
 
 
 def dirichlet_to_unconstrained(
-    natural: DirichletNatural, *, min_concentration: float = 0.01
+    params: DirichletNatural | DirichletStandard, *, min_concentration: float = 0.01
 ) -> DirichletUnconstrained:
-    """Inverse of :func:`dirichlet_from_unconstrained` (needs ``alpha > min_concentration``)."""
-    return _dir_eta_to_u(natural, min_concentration)
+    """Inverse of :func:`dirichlet_from_unconstrained` (needs ``alpha > min_concentration``).
+    Accepts natural or standard parameters."""
+    if isinstance(params, DirichletStandard):
+        params = DirichletNatural(params.alpha - 1.0)
+    return _dir_eta_to_u(params, min_concentration)
 
 
 def dirichlet_qtheta_terms(

@@ -30,6 +30,7 @@ from numpyro_svae._linalg import (
     multidigamma,
     multigammaln,
     psd_cholesky,
+    psd_cholesky_ridged,
     symmetrize,
 )
 from numpyro_svae.expfam.natgrad import (
@@ -186,9 +187,9 @@ def mniw_log_normalizer_standard(standard: MNIWStandard) -> Array:
     S, _, V, nu = standard
     D, Din = S.shape[-1], V.shape[-1]
     return (
-        0.5 * nu * (D * jnp.log(2.0) - chol_logdet(psd_cholesky(S)))
+        0.5 * nu * (D * jnp.log(2.0) - chol_logdet(psd_cholesky_ridged(S)))
         + multigammaln(0.5 * nu, D)
-        - 0.5 * D * chol_logdet(psd_cholesky(V))
+        - 0.5 * D * chol_logdet(psd_cholesky_ridged(V))
         + 0.5 * D * Din * LOG_2PI
     )
 
@@ -210,7 +211,7 @@ def mniw_expected_stats_standard(standard: MNIWStandard) -> MNIWStats:
     """:func:`mniw_expected_stats` evaluated from standard parameters."""
     S, M, V, nu = standard
     D, Din = S.shape[-1], V.shape[-1]
-    L_S, L_V = psd_cholesky(S), psd_cholesky(V)
+    L_S, L_V = psd_cholesky_ridged(S), psd_cholesky_ridged(V)
     eye_D = jnp.broadcast_to(jnp.eye(D, dtype=S.dtype), S.shape)
     eye_in = jnp.broadcast_to(jnp.eye(Din, dtype=V.dtype), V.shape)
     E_L = symmetrize(nu[..., None, None] * cho_solve((L_S, True), eye_D))
@@ -252,7 +253,7 @@ def mniw_kl_standard(q: MNIWStandard, p: MNIWStandard) -> Array:
     """
     S, M, V, nu = q
     D, Din = S.shape[-1], V.shape[-1]
-    L_S, L_V = psd_cholesky(S), psd_cholesky(V)
+    L_S, L_V = psd_cholesky_ridged(S), psd_cholesky_ridged(V)
     eye_D = jnp.broadcast_to(jnp.eye(D, dtype=S.dtype), S.shape)
     E_L = symmetrize(nu[..., None, None] * cho_solve((L_S, True), eye_D))
     dM = M - p.M
@@ -276,7 +277,7 @@ def _mniw_natural_tangent(std: MNIWStandard, g: MNIWNatural) -> MNIWStandard:
     g1, g2, g3, g4 = symmetrize(g[0]), g[1], symmetrize(g[2]), g[3]
     S, M, V, _ = std
     Mt = _mT(M)
-    dMt = cho_solve((psd_cholesky(V), True), g2 - g3 @ Mt)
+    dMt = cho_solve((psd_cholesky_ridged(V), True), g2 - g3 @ Mt)
     MG2 = M @ g2
     dS = symmetrize(g1 - _mT(MG2) - MG2 + M @ g3 @ Mt)
     return MNIWStandard(S=dS, M=_mT(dMt), V=g3, nu=g4)
@@ -286,7 +287,7 @@ def _mniw_kl_direction(q: MNIWStandard, p: MNIWStandard) -> MNIWStandard:
     """``(d std / d eta)(eta_q - eta_p)`` in closed form: ``dS = S_q - S_p - dM V_p dM'``,
     ``dM = dM V_p V_q^-1``, ``dV = V_q - V_p``, ``dnu = nu_q - nu_p`` (``dM = M_q - M_p``)."""
     dM = q.M - p.M
-    dMt = cho_solve((psd_cholesky(q.V), True), p.V @ _mT(dM))
+    dMt = cho_solve((psd_cholesky_ridged(q.V), True), p.V @ _mT(dM))
     dS = symmetrize(q.S - p.S - dM @ p.V @ _mT(dM))
     return MNIWStandard(S=dS, M=_mT(dMt), V=q.V - p.V, nu=q.nu - p.nu)
 
@@ -411,12 +412,17 @@ def mniw_from_unconstrained(
 
 
 def mniw_to_unconstrained(
-    natural: MNIWNatural, *, jitter_S: float = 1e-3, jitter_V: float = 1e-3,
+    params: MNIWNatural | MNIWStandard, *, jitter_S: float = 1e-3, jitter_V: float = 1e-3,
     dof_eps: float = 1e-6,
 ) -> MNIWUnconstrained:
     """Inverse of :func:`mniw_from_unconstrained` (needs ``S - jitter_S I`` and
-    ``V - jitter_V I`` PD).  The strict upper triangles of the raw matrices are zero."""
-    return _mniw_eta_to_u(natural, jitter_S, jitter_V, dof_eps)
+    ``V - jitter_V I`` PD).  The strict upper triangles of the raw matrices are zero.
+
+    Accepts natural or standard parameters; standard input skips the natural -> standard
+    step (which loses ``S`` in float32 when ``M V M'`` dwarfs it)."""
+    if isinstance(params, MNIWStandard):
+        return _mniw_std_to_u(params, jitter_S, jitter_V, dof_eps)
+    return _mniw_eta_to_u(params, jitter_S, jitter_V, dof_eps)
 
 
 def mniw_qtheta_terms(

@@ -30,6 +30,7 @@ from numpyro_svae._linalg import (
     multidigamma,
     multigammaln,
     psd_cholesky,
+    psd_cholesky_ridged,
     symmetrize,
 )
 from numpyro_svae.expfam.natgrad import (
@@ -182,7 +183,7 @@ def niw_log_normalizer_standard(standard: NIWStandard) -> Array:
     """``A(eta)`` ``[...]`` evaluated from standard parameters."""
     S, _, lam, nu = standard
     D = S.shape[-1]
-    logdet_S = chol_logdet(psd_cholesky(S))
+    logdet_S = chol_logdet(psd_cholesky_ridged(S))
     return (
         0.5 * nu * (D * jnp.log(2.0) - logdet_S)
         + multigammaln(0.5 * nu, D)
@@ -208,7 +209,7 @@ def niw_expected_stats_standard(standard: NIWStandard) -> NIWStats:
     """:func:`niw_expected_stats` evaluated from standard parameters."""
     S, m, lam, nu = standard
     D = S.shape[-1]
-    L = psd_cholesky(S)
+    L = psd_cholesky_ridged(S)
     eye = jnp.broadcast_to(jnp.eye(D, dtype=S.dtype), S.shape)
     E_tau = nu[..., None, None] * cho_solve((L, True), eye)
     E_tau = 0.5 * (E_tau + jnp.swapaxes(E_tau, -1, -2))
@@ -244,7 +245,7 @@ def niw_kl_standard(q: NIWStandard, p: NIWStandard) -> Array:
     - A_q + A_p``."""
     S, m, lam, nu = q
     D = S.shape[-1]
-    L = psd_cholesky(S)
+    L = psd_cholesky_ridged(S)
     eye = jnp.broadcast_to(jnp.eye(D, dtype=S.dtype), S.shape)
     E_tau = symmetrize(nu[..., None, None] * cho_solve((L, True), eye))
     dm = m - p.m
@@ -397,11 +398,14 @@ def niw_from_unconstrained(
 
 
 def niw_to_unconstrained(
-    natural: NIWNatural, *, jitter: float = 1e-6, dof_eps: float = 1e-6
+    params: NIWNatural | NIWStandard, *, jitter: float = 1e-6, dof_eps: float = 1e-6
 ) -> NIWUnconstrained:
     """Inverse of :func:`niw_from_unconstrained` (needs ``S - jitter I`` PD and
-    ``nu > D - 1 + dof_eps``).  The strict upper triangle of ``S_raw`` is zero."""
-    return _niw_eta_to_u(natural, jitter, dof_eps)
+    ``nu > D - 1 + dof_eps``).  The strict upper triangle of ``S_raw`` is zero.  Accepts
+    natural or standard parameters."""
+    if isinstance(params, NIWStandard):
+        return _niw_std_to_u(params, jitter, dof_eps)
+    return _niw_eta_to_u(params, jitter, dof_eps)
 
 
 def niw_qtheta_terms(

@@ -96,7 +96,7 @@ def test_qtheta_terms_match_natural_parameter_path(name, natgrad):
 
 
 def test_mniw_qtheta_terms_float32_where_natural_path_is_nan():
-    """The mocap6 NaN state: float32 statistics and KL match float64 to ~1e-5."""
+    """The mocap6 NaN state: float32 statistics and KL match float64 to ~1e-4."""
     rng = np.random.default_rng(0)
     D, Din = 4, 5
     M = 300.0 * rng.normal(size=(D, Din))
@@ -129,9 +129,11 @@ def test_mniw_qtheta_terms_float32_where_natural_path_is_nan():
     # the natural-parameter path recovers S = eta1 - M V M' and loses it entirely
     assert not (np.isfinite(k_old) and all(np.all(np.isfinite(a)) for a in old))
     assert np.isfinite(k_new)
-    assert abs(k_new - k_ref) <= 1e-5 * abs(k_ref)
+    # float32 with the rounding-level ridge of psd_cholesky_ridged (16 eps x the largest
+    # diagonal entry; S here has condition number ~100): ~1e-4 relative at most
+    assert abs(k_new - k_ref) <= 3e-4 * abs(k_ref)
     for a, b in zip(new, ref, strict=True):
-        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b))
+        assert np.max(np.abs(a - b)) <= 3e-4 * np.max(np.abs(b))
 
 
 def test_mniw_qtheta_terms_natural_gradient_is_finite_in_float32():
@@ -163,3 +165,37 @@ def test_mniw_qtheta_terms_natural_gradient_is_finite_in_float32():
         a = np.asarray(a, np.float64)
         assert np.all(np.isfinite(a))
         assert np.max(np.abs(a - b)) <= 1e-3 * (1.0 + np.max(np.abs(b)))
+
+
+def test_mniw_statistics_finite_for_rank_deficient_column_precision_float32():
+    """A regime whose latents never move along one direction: V = sum u u' + 1e-6 I spans
+    eigenvalues ~1e-6 .. 5e4, beyond what float32 can factor after forming L L' + jitter.
+    The statistics, log-normaliser and KL stay finite (ridge at the rounding level), and the
+    ridged factor reproduces V to float32 rounding of its largest entries."""
+    rng = np.random.default_rng(3)
+    D, Din, n = 3, 5, 400
+    u = rng.normal(size=(n, Din)) * np.array([10.0, 3.0, 1.0, 0.0, 1.0])  # direction 3: none
+    u[:, 4] = 1.0  # the bias input
+    V64 = u.T @ u + 1e-6 * np.eye(Din)
+    L = np.linalg.cholesky(V64 - 1e-6 * np.eye(Din)
+                           + 1e-9 * np.eye(Din)).astype(np.float32)
+    V32 = jnp.asarray(L) @ jnp.asarray(L).T + 1e-6 * jnp.eye(Din, dtype=jnp.float32)
+    q = E.MNIWStandard(jnp.eye(D, dtype=jnp.float32) * 30.0,
+                       jnp.asarray(rng.normal(size=(D, Din)), jnp.float32), V32,
+                       jnp.asarray(400.0, jnp.float32))
+    p = E.MNIWStandard(jnp.eye(D, dtype=jnp.float32), jnp.zeros((D, Din), jnp.float32),
+                       1e-3 * jnp.eye(Din, dtype=jnp.float32), jnp.asarray(D + 2.0, jnp.float32))
+    from numpyro_svae._linalg import psd_cholesky_ridged
+    from numpyro_svae.expfam.mniw import (
+        mniw_expected_stats_standard,
+        mniw_kl_standard,
+        mniw_log_normalizer_standard,
+    )
+
+    Lr = np.asarray(psd_cholesky_ridged(V32), np.float64)
+    assert np.all(np.isfinite(Lr))
+    assert np.max(np.abs(Lr @ Lr.T - V64)) <= 1e-5 * np.max(np.abs(V64))
+    stats = mniw_expected_stats_standard(q)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in stats)
+    assert np.isfinite(float(mniw_log_normalizer_standard(q)))
+    assert np.isfinite(float(mniw_kl_standard(q, p)))

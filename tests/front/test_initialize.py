@@ -1,0 +1,138 @@
+"""Switching initialisation: q(theta) from a segmentation, and from an AR-HMM fit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numpyro_svae import metrics
+from numpyro_svae.datasets.synthetic import synthetic_slds
+from numpyro_svae.expfam.dirichlet import dirichlet_from_unconstrained, dirichlet_to_standard
+from numpyro_svae.expfam.mniw import (
+    MNIWStandard,
+    MNIWUnconstrained,
+    mniw_from_unconstrained,
+    mniw_to_natural,
+    mniw_to_standard,
+)
+from numpyro_svae.guide import SVAEGuide
+from numpyro_svae.initialize import arhmm_init, qtheta_from_segmentation
+from numpyro_svae.nn import GaussianPotentialEncoder
+from tests._tol import tol
+from tests.front.test_guide import lds_model, slds_model
+
+K, D, DX = 3, 2, 4
+
+
+def _guide(model=slds_model, obs_dim=DX):
+    enc = GaussianPotentialEncoder(obs_dim=obs_dim, latent_dim=D, hidden=(8,),
+                                   key=jax.random.key(2))
+    return SVAEGuide(model, encoder=enc)
+
+
+def _unc(params, prefix, cls, name):
+    return cls(*(params[f"{prefix}{name}.{f}"] for f in cls._fields))
+
+
+def test_qtheta_from_segmentation_matches_natural_parameter_update():
+    """Standard-form algebra = the prior's natural parameters plus summed statistics."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        N, T = 3, 9
+        z = rng.normal(size=(N, T, D))
+        r = rng.integers(0, K, size=(N, T))
+        mask = np.ones((N, T), bool)
+        mask[2, 7:] = False  # a padded tail
+        guide = _guide()
+        kw = dict(N=N, T=T, K=K, D=D, Dx=DX)
+        out = qtheta_from_segmentation(guide, z, r, model_args=(np.zeros((N, T, DX)),),
+                                       model_kwargs=kw, step_mask=mask, pseudo_count=0.5)
+        st = guide.structure
+        blk = st.dynamics
+        prior = MNIWStandard(*(jnp.broadcast_to(jnp.asarray(a), s) for a, s in zip(
+            (blk.S, blk.M, blk.V, blk.nu), ((K, D, D), (K, D, D + 1), (K, D + 1, D + 1), (K,)),
+            strict=True)))
+        eta = list(mniw_to_natural(prior))
+        for n in range(N):
+            for t in range(1, T):
+                if not (mask[n, t] and mask[n, t - 1]):
+                    continue
+                k, u, y = r[n, t], np.append(z[n, t - 1], 1.0), z[n, t]
+                for i, s in enumerate((np.outer(y, y), np.outer(u, y), np.outer(u, u), 1.0)):
+                    eta[i] = eta[i].at[k].add(0.5 * s)
+        want = mniw_to_standard(type(mniw_to_natural(prior))(*eta))
+        ridges = SVAEGuide._ridges("dynamics", blk)
+        got = mniw_to_standard(mniw_from_unconstrained(
+            _unc(out, guide.prefix, MNIWUnconstrained, "dynamics"), natgrad=False, **ridges))
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-7)
+        # Dirichlets: leading-regime chain r; transitions within valid steps only
+        alpha_P = dirichlet_to_standard(dirichlet_from_unconstrained(
+            _dir_u(out, guide.prefix, "P"), natgrad=False)).alpha
+        counts = np.zeros((K, K))
+        for n in range(N):
+            for t in range(1, T):
+                if mask[n, t] and mask[n, t - 1]:
+                    counts[r[n, t - 1], r[n, t]] += 1
+        np.testing.assert_allclose(alpha_P, np.asarray(st.P.alpha) + 0.5 * counts,
+                                   **tol(jnp.float64))
+        alpha_0 = dirichlet_to_standard(dirichlet_from_unconstrained(
+            _dir_u(out, guide.prefix, "pi0"), natgrad=False)).alpha
+        np.testing.assert_allclose(alpha_0, np.asarray(st.pi0.alpha)
+                                   + 0.5 * np.bincount(r[:, 0], minlength=K), **tol(jnp.float64))
+
+
+def _dir_u(out, prefix, name):
+    from numpyro_svae.expfam.dirichlet import DirichletUnconstrained
+
+    return DirichletUnconstrained(out[f"{prefix}{name}.u"])
+
+
+def test_arhmm_init_recovers_synthetic_regimes_and_dynamics(key):
+    """True latents of a synthetic SLDS: the AR-HMM segmentation matches the true regimes
+    and q(theta)'s dynamics means match the true [A | b] of the matched regimes."""
+    data = synthetic_slds(3, num_sequences=16, num_timesteps=150, num_regimes=K, latent_dim=D,
+                          obs_dim=DX, dynamics_noise_std=0.05)
+    N, T = data.z.shape[:2]
+    guide = _guide()
+    kw = dict(N=N, T=T, K=K, D=D, Dx=DX)
+    init = arhmm_init(guide, data.z, rng_key=jax.random.key(0), model_args=(data.x,),
+                      model_kwargs=kw, num_iters=50)
+    match = metrics.best_label_matching(init.regimes[:, 1:].ravel(), data.k[:, 1:].ravel(), K, K)
+    assert match.accuracy >= 0.9, match.accuracy
+    assert init.transitions_per_regime.sum() == N * (T - 1)
+    std = mniw_to_standard(mniw_from_unconstrained(
+        _unc(init.params, guide.prefix, MNIWUnconstrained, "dynamics"), natgrad=False,
+        **SVAEGuide._ridges("dynamics", guide.structure.dynamics)))
+    true_Ab = np.concatenate([data.params.A, data.params.b[..., None]], -1)  # [K, D, D+1]
+    for pred, truth in enumerate(np.asarray(match.mapping)):
+        if truth < 0:
+            continue
+        # ~700 transitions per regime: the prior (column precision 11 around [0.9 I | 0])
+        # shrinks the estimate by ~2 %, noise adds ~0.01
+        np.testing.assert_allclose(np.asarray(std.M[pred]), true_Ab[truth], atol=0.05)
+
+
+def test_initialize_bad_inputs_name_the_argument():
+    guide = _guide()
+    kw = dict(N=2, T=6, K=K, D=D, Dx=DX)
+    x = np.zeros((2, 6, DX))
+    z = np.zeros((2, 6, D))
+    r = np.zeros((2, 6), int)
+    with pytest.raises(ValueError, match=r"`z` must have shape \[N, T, 2\]"):
+        qtheta_from_segmentation(guide, np.zeros((2, 6, 3)), r, model_args=(x,), model_kwargs=kw)
+    with pytest.raises(ValueError, match="`regimes` must have shape"):
+        qtheta_from_segmentation(guide, z, r[:, :5], model_args=(x,), model_kwargs=kw)
+    with pytest.raises(ValueError, match=r"`regimes` must be integers in 0 \.\. 2"):
+        qtheta_from_segmentation(guide, z, r + 3, model_args=(x,), model_kwargs=kw)
+    with pytest.raises(ValueError, match="`step_mask` must have shape"):
+        qtheta_from_segmentation(guide, z, r, model_args=(x,), model_kwargs=kw,
+                                 step_mask=np.ones((2, 5), bool))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        qtheta_from_segmentation(guide, z + np.nan, r, model_args=(x,), model_kwargs=kw)
+    with pytest.raises(ValueError, match="`pseudo_count` must be > 0"):
+        qtheta_from_segmentation(guide, z, r, model_args=(x,), model_kwargs=kw, pseudo_count=0.0)
+    lds_guide = _guide(lds_model, obs_dim=D)
+    with pytest.raises(ValueError, match="needs an SLDS model.*'lds'"):
+        qtheta_from_segmentation(lds_guide, z, r, model_args=(np.zeros((2, 6, D)),),
+                                 model_kwargs=dict(N=2, T=6))
