@@ -23,7 +23,12 @@ regression weights) turns non-finite with ``K = 12`` (and with ``K = 8`` in floa
   a non-finite loss keeps the state; counted in ``timing.skipped_steps``).  500 steps on
   mocap6: longer runs over-fit the 26 training windows (3,000 steps with ``natgrad_lr =
   0.01``: held-out bound -20.6 vs -7.9 nats per frame, imputation RMSE 1.03 vs 0.90;
-  docs/benchmarks.md);
+  docs/benchmarks.md).  mocap6 (``CONFIG``): the first ``kl_warmup_steps`` with
+  ``SVAE_ELBO(local_kl_weight=kl_warmup_weight)`` (without it the LDS-SVAE's latents
+  collapse); the SLDS-SVAE starts from ``numpyro_svae.initialize.arhmm_init`` (``init =
+  "arhmm"``: the LDS-SVAE run above, an AR(1)-HMM on its latent means, q(theta) from that
+  segmentation with ``init_pseudo_count``, networks carried over) and then trains
+  ``final_steps`` steps with the networks' Adam rate ``final_net_lr`` (0: frozen);
 * ``arhmm`` / ``gaussian_hmm``: ``numpyro_svae.baselines`` (dynamax 1.0.3 linear AR(1)-HMM and
   full-covariance Gaussian HMM, MAP-EM from k-means, ``EM_ITERS`` iterations);
 * ``interpolation``: linear interpolation across each gap (imputation only).
@@ -77,10 +82,10 @@ METRIC_KEYS = ("ari", "accuracy", "impute_rmse", "impute_loglik", "heldout_bound
 
 # per data set: SVAE sizes and steps, baseline EM iterations, windows and gaps
 CONFIG = {
-    "mocap6": dict(K=8, window=100, stride=50, D=4, hidden=64, steps=500, lr=3e-3,
+    "mocap6": dict(K=8, window=100, stride=50, D=8, hidden=64, steps=500, lr=3e-3,
                    natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1, gaps_per_seq=5,
                    kl_warmup_steps=250, kl_warmup_weight=0.1,
-                   init="arhmm", init_pseudo_count=0.1, final_steps=500, final_net_lr=0.0),
+                   init="arhmm", init_pseudo_count=1.0, final_steps=500, final_net_lr=0.0),
     "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
                           natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
                           gaps_per_seq=2),
