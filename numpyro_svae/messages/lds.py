@@ -649,14 +649,18 @@ def _filter_impl(c: _Canon, method: str) -> _Filtered:
     return _Filtered(logZ, Jf, hf, L, W, w, L_T, v_T, mu_T, Sig_T)
 
 
-def _smoother_impl(c: _Canon, method: str) -> LDSPosterior:
-    f = _filter_impl(c, method)
+def _smooth_filtered(f: _Filtered, method: str) -> LDSPosterior:
+    """The backward (smoothing) pass over a forward filter's output."""
     B, a, Pinv = _kernels(f.L, f.W, f.w)
     if method == "sequential" or f.L.shape[0] == 0:
         mu, Sig = _smooth_sequential(B, a, Pinv, f.mu_T, f.Sig_T)
     else:
         mu, Sig = _smooth_parallel(B, a, Pinv, f.mu_T, f.Sig_T)
     return _assemble(f.logZ, mu, Sig, B, f.Jf, f.hf)
+
+
+def _smoother_impl(c: _Canon, method: str) -> LDSPosterior:
+    return _smooth_filtered(_filter_impl(c, method), method)
 
 
 # Compiled entry points.  STYLE.md rule 6 keeps jit out of internals because the caller compiles
@@ -860,14 +864,8 @@ def _sample_jit(key, potentials: LDSPotentials, mask, num_samples, method: str) 
 
 @partial(jax.jit, static_argnums=2)
 def _smoother_sampler_jit(potentials: LDSPotentials, mask, method: str):
-    c = _canonical(potentials, mask)
-    f = _filter_impl(c, method)
-    B, a, Pinv = _kernels(f.L, f.W, f.w)
-    if method == "sequential" or f.L.shape[0] == 0:
-        mu, Sig = _smooth_sequential(B, a, Pinv, f.mu_T, f.Sig_T)
-    else:
-        mu, Sig = _smooth_parallel(B, a, Pinv, f.mu_T, f.Sig_T)
-    return _assemble(f.logZ, mu, Sig, B, f.Jf, f.hf), _sampler_of(f)
+    f = _filter_impl(_canonical(potentials, mask), method)
+    return _smooth_filtered(f, method), _sampler_of(f)
 
 
 def lds_smoother_with_sampler(
