@@ -27,8 +27,10 @@ regression weights) turns non-finite with ``K = 12`` (and with ``K = 8`` in floa
   ``SVAE_ELBO(local_kl_weight=kl_warmup_weight)`` (without it the LDS-SVAE's latents
   collapse); the SLDS-SVAE starts from ``numpyro_svae.initialize.arhmm_init`` (``init =
   "arhmm"``: the LDS-SVAE run above, an AR(1)-HMM on its latent means, q(theta) from that
-  segmentation with ``init_pseudo_count``, networks carried over) and then trains
-  ``final_steps`` steps with the networks' Adam rate ``final_net_lr`` (0: frozen);
+  segmentation with ``init_pseudo_count``, networks carried over; this is the command's
+  ``fit --init arhmm``, ``numpyro_svae.cli.switching_start``) and then trains
+  ``final_steps`` steps, the networks fixed when ``freeze_networks``
+  (``--freeze-networks``);
 * ``arhmm`` / ``gaussian_hmm``: ``numpyro_svae.baselines`` (dynamax 1.0.3 linear AR(1)-HMM and
   full-covariance Gaussian HMM, MAP-EM from k-means, ``EM_ITERS`` iterations);
 * ``interpolation``: linear interpolation across each gap (imputation only).
@@ -85,7 +87,7 @@ CONFIG = {
     "mocap6": dict(K=8, window=100, stride=50, D=8, hidden=64, steps=500, lr=3e-3,
                    natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1, gaps_per_seq=5,
                    kl_warmup_steps=250, kl_warmup_weight=0.1,
-                   init="arhmm", init_pseudo_count=1.0, final_steps=500, final_net_lr=0.0),
+                   init="arhmm", init_pseudo_count=1.0, final_steps=500, freeze_networks=True),
     "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
                           natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
                           gaps_per_seq=2),
@@ -229,36 +231,6 @@ def _train(run, x, kw, state, steps: int, warm: int, warm_weight: float, tag: st
     return state, losses, compile_s
 
 
-def _arhmm_start(run, fcfg: cli.FitConfig, data: cli.Data, cfg: dict, fast: bool,
-                 timing: dict):
-    """Switching initialisation (``numpyro_svae.initialize``): an LDS-SVAE with the same
-    networks, an AR-HMM on its latent means, q(theta) of the SLDS from that segmentation."""
-    from numpyro_svae.initialize import arhmm_init
-
-    t0 = time.time()
-    fcfg1 = dataclasses.replace(fcfg, family="lds", K=1)
-    run1 = cli.build(fcfg1, data)
-    x, kw1 = data.train_x, run1.model_kwargs
-    state1 = run1.svi.init(jax.random.PRNGKey(SEED), x, **kw1)
-    steps1 = FAST["steps"] if fast else cfg["steps"]
-    # the LDS-SVAE row's recipe (same steps and local-KL warm-up)
-    state1, losses1, _ = _train(run1, x, kw1, state1, steps1, cfg.get("kl_warmup_steps", 0),
-                                cfg.get("kl_warmup_weight", 0.1), "init lds")
-    params1 = run1.svi.get_params(state1)
-    z = np.asarray(run1.guide.posterior(params1, x, **kw1).latent_mean)
-    prefix = run1.guide.prefix
-    carry = {k: v for k, v in params1.items() if not k.startswith(f"{prefix}dynamics.")}
-    kw = run.model_kwargs
-    init = arhmm_init(run.guide, z, rng_key=jax.random.key(SEED), model_args=(x,),
-                      model_kwargs=kw, num_iters=FAST["em_iters"] if fast else cfg["em_iters"],
-                      pseudo_count=cfg.get("init_pseudo_count", 1.0), carry=carry)
-    timing.update(init_seconds=time.time() - t0, init_final_loss=float(losses1[-1]),
-                  init_transitions_per_regime=[int(c) for c in init.transitions_per_regime])
-    log(f"  switching init: {time.time() - t0:.0f} s, transitions per regime "
-        f"{init.transitions_per_regime.tolist()}")
-    return init.params
-
-
 def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarray,
              fast: bool, dataset: str) -> tuple[dict, dict]:
     fcfg = cli.FitConfig(dataset=dataset, family=family, K=K, D=cfg["D"], hidden=cfg["hidden"],
@@ -266,31 +238,30 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
                          natgrad_lr=cfg["natgrad_lr"], max_iters=cfg["max_iters"])
     timing = {}
     t0 = time.time()
+    switching = family == "slds" and cfg.get("init") == "arhmm"
+    if switching:  # the command's `fit --init arhmm [--freeze-networks]`
+        fcfg = dataclasses.replace(fcfg, init="arhmm",
+                                   init_steps=FAST["steps"] if fast else cfg["steps"],
+                                   freeze_networks=bool(cfg.get("freeze_networks")))
     run = cli.build(fcfg, data)
     x, kw = data.train_x, run.model_kwargs
-    init_params = None
-    if family == "slds" and cfg.get("init") == "arhmm":
-        init_params = _arhmm_start(run, fcfg, data, cfg, fast, timing)
-        if cfg.get("final_net_lr") is not None:  # networks slower (0: frozen) from here on
-            import copy
-
-            import optax
-            from numpyro.infer import SVI
-
-            from numpyro_svae.elbo import SVAE_ELBO
-            from numpyro_svae.optim import natural_gradient
-
-            lr = cfg["final_net_lr"]
-            other = optax.set_to_zero() if lr == 0 else optax.adam(lr)
-            run = copy.copy(run)
-            run.svi = SVI(run.model, run.guide,
-                          natural_gradient(natgrad_lr=cfg["natgrad_lr"], other=other),
-                          loss=SVAE_ELBO())
-    state = run.svi.init(jax.random.PRNGKey(SEED), x, init_params=init_params, **kw)
+    if switching:
+        # stage 1 = the LDS-SVAE row's recipe (same steps, seed and local-KL warm-up)
+        state, info = cli.switching_start(
+            run, data, fcfg, progress=False,
+            em_iters=FAST["em_iters"] if fast else cfg["em_iters"],
+            pseudo_count=cfg.get("init_pseudo_count", 1.0),
+            warmup_steps=cfg.get("kl_warmup_steps", 0),
+            warmup_weight=cfg.get("kl_warmup_weight", 0.1))
+        timing.update(init_seconds=time.time() - t0, **info)
+        log(f"  switching init: {time.time() - t0:.0f} s, transitions per regime "
+            f"{info['init_transitions_per_regime']}")
+    else:
+        state = run.svi.init(jax.random.PRNGKey(SEED), x, **kw)
     timing["init"] = time.time() - t0
     steps = FAST["steps"] if fast else (
-        cfg.get("final_steps", cfg["steps"]) if init_params else cfg["steps"])
-    warm = 0 if init_params is not None else cfg.get("kl_warmup_steps", 0)
+        cfg.get("final_steps", cfg["steps"]) if switching else cfg["steps"])
+    warm = 0 if switching else cfg.get("kl_warmup_steps", 0)
     t1 = time.time()
     state, losses, timing["compile_first_step"] = _train(
         run, x, kw, state, steps, warm, cfg.get("kl_warmup_weight", 0.1), family)

@@ -1,10 +1,11 @@
 """Classical baselines for the real-data evaluation: Gaussian HMM and AR-HMM fitted by EM.
 
 The models are ``dynamax`` 1.0.3 ``GaussianHMM`` and ``LinearAutoregressiveHMM`` (an optional
-dependency, ``pip install numpyro_svae[test]``; it is imported lazily). Fitting uses dynamax's
-``fit_em`` (MAP-EM with a Dirichlet prior on the transition rows, boosted on the diagonal by
-``stickiness``); inference (Viterbi, filtering, smoothing) uses dynamax's HMM message passing on
-frame log-likelihoods computed here, so that masked frames can be given log-likelihood 0.
+dependency, ``pip install 'numpyro_svae[baselines]'``; it is imported lazily). Fitting uses
+dynamax's ``fit_em`` (MAP-EM with a Dirichlet prior on the transition rows, boosted on the
+diagonal by ``stickiness``); inference (Viterbi, filtering, smoothing) uses dynamax's HMM
+message passing on frame log-likelihoods computed here, so that masked frames can be given
+log-likelihood 0.
 
 Conventions: data ``x`` is ``[N, T, Dx]``; masks are ``[N, T]`` bool with True = observed.
 For the AR-HMM the ``num_lags`` pre-sample frames of each sequence are set equal to its first
@@ -81,7 +82,8 @@ def _dynamax_hmm():
             from dynamax import hidden_markov_model as hmm
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "numpyro_svae.baselines needs dynamax==1.0.3 (pip install 'numpyro_svae[test]')"
+                "numpyro_svae.baselines needs dynamax==1.0.3 "
+                "(pip install 'numpyro_svae[baselines]')"
             ) from err
     return hmm
 

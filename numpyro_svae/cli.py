@@ -7,6 +7,13 @@ assembled under a temporary name and renamed at the end, so a folder that exists
 ``fit --resume`` continues from the checkpoint in the output folder. ``evaluate`` scores a
 finished run on its held-out data. ``demo`` is ``fit`` on BasicMotions with good defaults.
 
+``fit --init arhmm`` (SLDS only) starts the switching dynamics from data instead of at random
+(:func:`switching_start`): an LDS-SVAE with the same networks is trained first
+(``--init-steps``, the first half with the local KL down-weighted), an AR(1)-HMM is fitted
+to its latent means and q(theta) of the SLDS is set from that segmentation
+(`numpyro_svae.initialize.arhmm_init`); ``--freeze-networks`` then keeps the encoder and
+decoder of the LDS-SVAE fixed. This is the recipe of ``bench/bench_real.py`` on mocap6.
+
 Bad input (a path to nothing, a malformed file, an incompatible or corrupted checkpoint) gives
 one error line and exit code 2, never a traceback.
 """
@@ -55,6 +62,9 @@ class FitConfig:
     max_iters: int = 10
     window: int | None = None
     fast: bool = False
+    init: str = "random"  # "random" | "arhmm" (switching initialisation, slds only)
+    init_steps: int = 500  # LDS-SVAE steps of the switching initialisation
+    freeze_networks: bool = False  # networks fixed after the switching initialisation
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpoint."""
@@ -96,6 +106,11 @@ def load_data(cfg: FitConfig) -> Data:
             if cfg.data_path is None:
                 raise CLIError("--data-path is required for --dataset mocap6")
             d = datasets.load_mocap6(cfg.data_path)
+            if cfg.window is not None:  # training windows; the held-out trial stays whole
+                w = datasets.load_mocap6(cfg.data_path, window=cfg.window,
+                                         stride=max(1, cfg.window // 2), drop_remainder=True)
+                d = d._replace(train_x=w.train_x, train_labels=w.train_labels,
+                               train_mask=w.train_mask)
         elif cfg.dataset == "synthetic":
             s = datasets.synthetic_slds(
                 cfg.seed, num_sequences=16, num_timesteps=100, num_regimes=3,
@@ -188,29 +203,44 @@ class Run:
         self.model_kwargs = model_kwargs  # [N, T] training mask included
         self.encoder = encoder
         self.max_iters = max_iters
-        self._update = None
+        self._updates: dict = {}
         self._template = None
         self._eval_guides: dict = {}
 
-    def update(self, x):
-        """The compiled SVI step ``state -> (state, loss)`` (compiled once per run).
+    def update(self, x, local_kl_weight: float | None = None):
+        """The compiled SVI step ``state -> (state, loss)`` (compiled once per run and weight).
 
         NumPyro's ``stable_update``: a step whose loss or new state is not finite leaves
         the state as it was (with a fresh key) and returns its non-finite loss, so one bad
         Monte Carlo draw does not end a long run (`train` counts and reports them).
+        ``local_kl_weight`` (a KL warm-up) steps with ``SVAE_ELBO(local_kl_weight=...)``;
+        call `init` first (the warm-up SVI shares what ``SVI.init`` set up).
         """
         import jax
 
-        if self._update is None:
+        if local_kl_weight not in self._updates:
             svi, kw = self.svi, self.model_kwargs
-            self._update = jax.jit(lambda s, x_: _strong(svi.stable_update(s, x_, **kw)))
-        return lambda state: self._update(state, x)
+            if local_kl_weight is not None:
+                from numpyro.infer import SVI
 
-    def init(self, seed: int, x):
-        """A fresh SVI state (and remember its structure as the resume template)."""
+                from .elbo import SVAE_ELBO
+
+                base = svi
+                svi = SVI(self.model, self.guide, base.optim,
+                          loss=SVAE_ELBO(local_kl_weight=local_kl_weight))
+                svi.constrain_fn, svi.static_kwargs = base.constrain_fn, base.static_kwargs
+            self._updates[local_kl_weight] = jax.jit(
+                lambda s, x_, svi=svi: _strong(svi.stable_update(s, x_, **kw)))
+        step = self._updates[local_kl_weight]
+        return lambda state: step(state, x)
+
+    def init(self, seed: int, x, init_params: dict | None = None):
+        """A fresh SVI state (and remember its structure as the resume template);
+        ``init_params`` as in ``SVI.init``."""
         import jax
 
-        state = _strong(self.svi.init(jax.random.PRNGKey(seed), x, **self.model_kwargs))
+        state = _strong(self.svi.init(jax.random.PRNGKey(seed), x, init_params=init_params,
+                                      **self.model_kwargs))
         if self._template is None:
             self._template = jax.tree_util.tree_map(
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
@@ -292,7 +322,10 @@ def build(cfg: FitConfig, data: Data) -> Run:
     enc = nn.GaussianPotentialEncoder(obs_dim=Dx, latent_dim=cfg.D, hidden=hidden,
                                       key=jax.random.key(cfg.seed + 1))
     guide = SVAEGuide(model, encoder=enc, max_iters=cfg.max_iters)
-    optim = natural_gradient(natgrad_lr=cfg.natgrad_lr, other=optax.adam(cfg.lr))
+    # frozen networks: zero updates (the optimizer state differs from Adam's; a resume
+    # with the other setting is refused by the configuration check before it is read)
+    other = optax.set_to_zero() if cfg.freeze_networks else optax.adam(cfg.lr)
+    optim = natural_gradient(natgrad_lr=cfg.natgrad_lr, other=other)
     svi = SVI(model, guide, optim, loss=SVAE_ELBO())
     run = Run(model, guide, svi, kw, enc, cfg.max_iters)
     while len(_RUNS) >= 2:
@@ -395,24 +428,27 @@ MAX_SKIPPED_IN_A_ROW = 20
 
 
 def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
-          progress: bool = True):
+          progress: bool = True, warmup_steps: int = 0, warmup_weight: float = 0.1,
+          desc: str = "fit"):
     """Run `steps` SVI steps from `state` (or a fresh init). Returns (state, losses).
 
-    Skipped steps (non-finite loss, state kept) appear as NaN in `losses`; more than
-    `MAX_SKIPPED_IN_A_ROW` in a row end the run with a `CLIError`.
+    The first `warmup_steps` steps weight the local KL by `warmup_weight` (their losses
+    are the weighted ones). Skipped steps (non-finite loss, state kept) appear as NaN in
+    `losses`; more than `MAX_SKIPPED_IN_A_ROW` in a row end the run with a `CLIError`.
     """
     if state is None:
         state = run.init(cfg.seed, data.train_x)
     update = run.update(data.train_x)
+    warm = run.update(data.train_x, warmup_weight) if warmup_steps > 0 else None
     losses = np.empty(steps)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc="fit", file=sys.stderr, mininterval=1.0)
+        bar = tqdm(total=steps, desc=desc, file=sys.stderr, mininterval=1.0)
     in_a_row = 0
     for i in range(steps):
-        state, loss = update(state)
+        state, loss = (warm if i < warmup_steps else update)(state)
         losses[i] = float(loss)
         in_a_row = 0 if np.isfinite(losses[i]) else in_a_row + 1
         if in_a_row > MAX_SKIPPED_IN_A_ROW:
@@ -428,6 +464,70 @@ def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
     if bar is not None:
         bar.close()
     return state, losses
+
+
+INIT_WARMUP_FRACTION = 0.5  # of --init-steps, with the local KL weighted by INIT_WARMUP_WEIGHT
+INIT_WARMUP_WEIGHT = 0.1
+INIT_EM_ITERS = 100
+INIT_PSEUDO_COUNT = 1.0
+
+
+def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = True,
+                    em_iters: int = INIT_EM_ITERS, pseudo_count: float = INIT_PSEUDO_COUNT,
+                    warmup_steps: int | None = None,
+                    warmup_weight: float = INIT_WARMUP_WEIGHT):
+    """SVI state of an SLDS run started by the switching initialisation (``--init arhmm``).
+
+    1. An LDS-SVAE with the same data, networks and seed (``cfg`` with ``family="lds"``)
+       trains for ``cfg.init_steps`` steps; the first ``warmup_steps`` of them (default:
+       ``INIT_WARMUP_FRACTION`` of them) weight the local KL by ``warmup_weight``
+       (without this warm-up its latents can collapse to the prior, which leaves nothing
+       to segment).
+    2. `numpyro_svae.initialize.arhmm_init` fits an AR(1)-HMM with ``cfg.K`` regimes to the
+       LDS-SVAE's latent means and sets q(theta) of the SLDS from the Viterbi segmentation
+       (``pseudo_count``); the encoder, decoder and initial-state factor are carried over.
+
+    Returns ``(state, info)``: the SLDS SVI state and a JSON-ready summary (``init_*``:
+    the LDS-SVAE's steps, warm-up and last loss, frames and transitions per regime).
+    Raises `CLIError` when dynamax is missing or the AR-HMM fit fails.
+    """
+    import jax
+
+    from .initialize import arhmm_init
+
+    lds_cfg = dataclasses.replace(cfg, family="lds", K=1, init="random",
+                                  freeze_networks=False, steps=cfg.init_steps)
+    run1 = build(lds_cfg, data)
+    warm = (int(round(INIT_WARMUP_FRACTION * cfg.init_steps)) if warmup_steps is None
+            else min(int(warmup_steps), cfg.init_steps))
+    state1, losses1 = train(run1, data, lds_cfg, steps=cfg.init_steps, progress=progress,
+                            warmup_steps=warm, warmup_weight=warmup_weight,
+                            desc="init: LDS-SVAE")
+    if not np.any(np.isfinite(losses1[-min(50, len(losses1)):])):
+        raise CLIError("--init arhmm: the LDS-SVAE of the initialisation diverged; try a "
+                       "smaller --lr")
+    params1 = run1.svi.get_params(state1)
+    z = np.asarray(run1.guide.posterior(params1, data.train_x, **run1.model_kwargs)
+                   .latent_mean)
+    # everything but the one-regime dynamics fits the SLDS guide as it is
+    dyn = f"{run1.guide.prefix}dynamics."
+    carry = {k: v for k, v in params1.items() if not k.startswith(dyn)}
+    try:
+        init = arhmm_init(run.guide, z, rng_key=jax.random.key(cfg.seed),
+                          model_args=(data.train_x,), model_kwargs=run.model_kwargs,
+                          num_iters=em_iters, pseudo_count=pseudo_count, carry=carry)
+    except ImportError as e:
+        raise CLIError(f"--init arhmm: {e}") from None
+    except ValueError as e:
+        raise CLIError(f"--init arhmm failed: {e}") from None
+    state = run.init(cfg.seed, data.train_x, init_params=init.params)
+    info = {"init": "arhmm", "init_steps": cfg.init_steps, "init_warmup_steps": warm,
+            "init_warmup_weight": warmup_weight, "init_pseudo_count": pseudo_count,
+            "init_final_loss": _last_finite(losses1),
+            "init_transitions_per_regime": [int(c) for c in init.transitions_per_regime],
+            "init_frames_per_regime": np.bincount(
+                np.asarray(init.regimes).ravel(), minlength=cfg.K).tolist()}
+    return state, info
 
 
 # ------------------------------------------------------------------------------------------
@@ -523,8 +623,10 @@ _METRIC_TEXT = {
 
 
 def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg: FitConfig,
-                  ev: _Eval, seconds: float, train_seconds: float | None = None) -> dict:
-    """ArviZ file, plots, metrics.json and report.md into `folder`; returns the metrics."""
+                  ev: _Eval, seconds: float, train_seconds: float | None = None,
+                  extra: dict | None = None) -> dict:
+    """ArviZ file, plots, metrics.json and report.md into `folder`; returns the metrics
+    (`extra`, e.g. the switching initialisation's summary, is added to them)."""
     import jax
     import matplotlib
 
@@ -567,7 +669,7 @@ def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg
                     train_seconds=None if train_seconds is None else round(train_seconds, 1),
                     steps=int(len(losses)),
                     skipped_steps=int(np.sum(~np.isfinite(losses))),
-                    final_loss=_last_finite(losses))
+                    final_loss=_last_finite(losses), **(extra or {}))
     (folder / "metrics.json").write_text(json.dumps(metrics_, indent=1))
     (folder / "report.md").write_text(_report(cfg, data, metrics_, plots, seconds))
     return metrics_
@@ -603,7 +705,9 @@ def _report(cfg: FitConfig, data: Data, m: dict, plots: list, seconds: float) ->
         "",
         f"- configuration: family={cfg.family}, K={cfg.K} regimes, D={cfg.D} latent "
         f"dimensions, hidden={cfg.hidden}, steps={m['steps']}, seed={cfg.seed}, lr={cfg.lr}, "
-        f"natgrad_lr={cfg.natgrad_lr}, max_iters={cfg.max_iters}",
+        f"natgrad_lr={cfg.natgrad_lr}, max_iters={cfg.max_iters}"
+        + (f", init={cfg.init} (init_steps={cfg.init_steps}, "
+           f"freeze_networks={cfg.freeze_networks})" if cfg.init != "random" else ""),
         f"- data [sequences, steps, channels]: train {list(data.train_x.shape)}, held-out "
         f"{list(data.test_x.shape)} ({data.note})",
         f"- wall time of this command: {seconds:.1f} s, of which training {m['train_seconds']} s "
@@ -664,8 +768,17 @@ def cmd_fit(cfg: FitConfig, out: pathlib.Path, *, resume: bool, progress: bool) 
     if resume:
         template = run.template(cfg.seed, data.train_x)
         state, done, prev_losses = load_checkpoint(out, template, cfg)
+    extra = None
+    if resume and (out / "metrics.json").exists():  # the initialisation's summary stays
+        try:
+            old_m = json.loads((out / "metrics.json").read_text())
+            extra = {k: v for k, v in old_m.items() if k.startswith("init")} or None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            extra = None  # metrics are rewritten below; the checkpoint is what counts
     stage = _staging(out)
     try:
+        if state is None and cfg.init == "arhmm":
+            state, extra = switching_start(run, data, cfg, progress=progress)
         state, losses = train(run, data, cfg, steps=max(0, cfg.steps - done), state=state,
                               progress=progress)
         t_train = time.time() - t0
@@ -673,7 +786,7 @@ def cmd_fit(cfg: FitConfig, out: pathlib.Path, *, resume: bool, progress: bool) 
         save_checkpoint(stage, state, cfg, len(losses), losses)
         ev = _evaluate(run, run.svi.get_params(state), data, cfg, seed=cfg.seed)
         m = write_outputs(stage, run, state, losses, data, cfg, ev, time.time() - t0,
-                          train_seconds=t_train)
+                          train_seconds=t_train, extra=extra)
         old = None
         if out.exists():  # resume: swap folders so that `out` is always a complete run
             old = out.with_name(stage.name + ".old")
@@ -716,6 +829,16 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--natgrad-lr", type=float, default=defaults.natgrad_lr)
         q.add_argument("--max-iters", type=int, default=defaults.max_iters,
                        help="mean-field block updates per step")
+        q.add_argument("--window", type=int, default=defaults.window,
+                       help="mocap6: cut the training sequences into windows of this many "
+                            "frames (stride half a window)")
+        q.add_argument("--init", default=defaults.init, choices=["random", "arhmm"],
+                       help="slds: start the switching dynamics at random or from an AR-HMM "
+                            "fitted to the latents of an LDS-SVAE trained first")
+        q.add_argument("--init-steps", type=int, default=defaults.init_steps,
+                       help="--init arhmm: LDS-SVAE training steps")
+        q.add_argument("--freeze-networks", action="store_true",
+                       help="--init arhmm: keep the LDS-SVAE's encoder and decoder fixed")
         q.add_argument("--fast", action="store_true", help="fewer samples in evaluation")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -732,6 +855,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_config(cfg: FitConfig) -> None:
+    if cfg.window is not None:
+        if cfg.dataset != "mocap6":
+            raise CLIError(f"--window applies to --dataset mocap6 only (got {cfg.dataset!r})")
+        if cfg.window < 2:
+            raise CLIError(f"--window must be >= 2; got {cfg.window}")
     for name, low in (("K", 1), ("D", 1), ("hidden", 1), ("steps", 0), ("max_iters", 1)):
         if getattr(cfg, name) < low:
             raise CLIError(f"--{name.replace('_', '-')} must be >= {low}; "
@@ -740,6 +868,15 @@ def _check_config(cfg: FitConfig) -> None:
         v = getattr(cfg, name)
         if not (np.isfinite(v) and v > 0):
             raise CLIError(f"--{name.replace('_', '-')} must be a positive number; got {v}")
+    if cfg.init == "arhmm":
+        if cfg.family != "slds":
+            raise CLIError(f"--init arhmm needs --family slds (got {cfg.family}): it sets "
+                           "the switching dynamics")
+        if cfg.init_steps < 1:
+            raise CLIError(f"--init-steps must be >= 1; got {cfg.init_steps}")
+    elif cfg.freeze_networks:
+        raise CLIError("--freeze-networks needs --init arhmm (it keeps the initialisation's "
+                       "trained networks; random networks would stay random)")
 
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised by hand
@@ -769,7 +906,9 @@ def _main(args) -> int:
         cfg = FitConfig(
             dataset=args.dataset, data_path=args.data_path, family=args.family, K=args.K,
             D=args.D, hidden=args.hidden, steps=args.steps, seed=args.seed, lr=args.lr,
-            natgrad_lr=args.natgrad_lr, max_iters=args.max_iters, fast=args.fast)
+            natgrad_lr=args.natgrad_lr, max_iters=args.max_iters, fast=args.fast,
+            init=args.init, init_steps=args.init_steps, freeze_networks=args.freeze_networks,
+            window=args.window)
         _check_config(cfg)
         out = pathlib.Path(args.out)
         resume = getattr(args, "resume", False)

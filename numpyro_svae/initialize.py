@@ -250,7 +250,7 @@ def arhmm_init(
         As :func:`qtheta_from_segmentation`; also if the AR-HMM fit is not finite (too many
         regimes for the data: dynamax's M-step has no prior on the regression weights).
     ImportError
-        If dynamax is not installed (``pip install 'numpyro_svae[test]'``).
+        If dynamax is not installed (``pip install 'numpyro_svae[baselines]'``).
     """
     from numpyro_svae import baselines
 

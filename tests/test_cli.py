@@ -255,3 +255,86 @@ def test_fit_hmm_family_end_to_end(tmp_path, capsys):
     k = idata["posterior"]["k"]  # one regime per step for an HMM: [chain, draw, N, T]
     assert k.dims[-2:] == ("sequence", "regime_step") and k.shape[-1] == 20
     assert {"mu", "Sigma", "P", "pi0"} <= set(idata["posterior"].data_vars)
+
+
+def test_switching_init_options_are_checked_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "run"
+    for argv, msg in (
+            (["--family", "lds", "--init", "arhmm"], "--init arhmm needs --family slds"),
+            (["--freeze-networks"], "--freeze-networks needs --init arhmm"),
+            (["--init", "arhmm", "--init-steps", "0"], "--init-steps must be >= 1"),
+            (["--window", "50"], "--window applies to --dataset mocap6 only")):
+        code, err = _run(capsys, ["fit", "--dataset", str(tmp_path / "nothing.npz"),
+                                  "--out", str(out), *argv])
+        assert code == 2 and msg in err and err.count("\n") == 1, (argv, err)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # ~60 s on a loaded 2-core machine: an LDS-SVAE, an AR-HMM, an SLDS-SVAE
+def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypatch):
+    """`fit --init arhmm --freeze-networks`: the initialisation runs once (not on resume),
+    its summary is reported, and the SLDS steps move q(theta) but not the networks.
+
+    The held-out evaluation and run-folder outputs are those of every `fit` (tested end to
+    end above); here they are replaced by a stub that records the metrics, which keeps this
+    test to the compilations of the three training stages."""
+    written = []
+
+    def outputs(folder, run, state, losses, data, cfg, ev, seconds, train_seconds=None,
+                extra=None):
+        m = dict(steps=int(len(losses)), **(extra or {}))
+        (folder / "metrics.json").write_text(json.dumps(m))
+        written.append(m)
+        return m
+
+    monkeypatch.setattr(cli, "_evaluate", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "write_outputs", outputs)
+    data = tmp_path / "tiny.npz"
+    _tiny_data(data)
+    out = tmp_path / "run"
+    opts = ["--dataset", str(data), "--K", "2", "--D", "2", "--hidden", "8",
+            "--max-iters", "2", "--fast", "--no-progress", "--out", str(out),
+            "--init", "arhmm", "--init-steps", "4", "--freeze-networks"]
+    assert cli.main(["fit", "--steps", "2", *opts]) == 0
+    capsys.readouterr()
+    m1 = written[-1]
+    assert m1["init"] == "arhmm" and m1["init_steps"] == 4 and m1["init_warmup_steps"] == 2
+    assert np.isfinite(m1["init_final_loss"])
+    cfg = cli.FitConfig(**json.loads((out / "checkpoint.json").read_text())["config"])
+    assert (cfg.init, cfg.init_steps, cfg.freeze_networks) == ("arhmm", 4, True)
+    d = cli.load_data(cfg)
+    n, t = d.train_x.shape[:2]  # every step of the training latents is segmented
+    assert sum(m1["init_frames_per_regime"]) == n * t
+    assert sum(m1["init_transitions_per_regime"]) == n * (t - 1)
+    report = cli._report(cfg, d, dict(m1, train_seconds=1.0), [], 1.0)
+    assert "init=arhmm (init_steps=4, freeze_networks=True)" in report
+
+    run = cli.build(cfg, d)  # the command's own (cached) run
+    template = run.template(cfg.seed, d.train_x)
+    p1 = run.svi.get_params(cli.load_checkpoint(out, template, cfg)[0])
+
+    assert cli.main(["fit", "--resume", "--steps", "4", *opts]) == 0
+    capsys.readouterr()
+    m2 = written[-1]
+    assert m2["steps"] == 4
+    assert {k: v for k, v in m2.items() if k.startswith("init")} == {
+        k: v for k, v in m1.items() if k.startswith("init")}  # carried over, not run again
+    state2, step2, losses2 = cli.load_checkpoint(out, template, cfg)
+    p2 = run.svi.get_params(state2)
+    assert step2 == 4 and np.all(np.isfinite(losses2))
+    moved = {k for k in p1 if any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(p1[k]), jax.tree.leaves(p2[k]), strict=True))}
+    nets = {k for k in p1 if k.startswith(("encoder", "decoder"))}
+    assert nets and not moved & nets  # frozen
+    assert any(k.startswith("qtheta$dynamics") for k in moved)  # natural-gradient steps
+
+
+def test_mocap6_training_windows_keep_the_held_out_trial_whole(mocap6_path):
+    whole = cli.load_data(cli.FitConfig(dataset="mocap6", data_path=str(mocap6_path)))
+    win = cli.load_data(cli.FitConfig(dataset="mocap6", data_path=str(mocap6_path),
+                                      window=100))
+    assert win.train_x.shape[1:] == (100, whole.train_x.shape[2])
+    assert win.train_x.shape[0] > whole.train_x.shape[0]
+    assert win.train_mask.all() and win.train_labels.shape == win.train_x.shape[:2]
+    np.testing.assert_array_equal(win.test_x, whole.test_x)
+    np.testing.assert_array_equal(win.test_mask, whole.test_mask)

@@ -25,8 +25,8 @@ CELL_TIMEOUT_S = 600  # one cell (JAX compilation included) on a loaded 2-core m
 # Not stored in the notebooks: the same synchronous CPU dispatch as tests/conftest.py (a
 # worker of the 2-core CI machine was once seen blocked forever with asynchronous dispatch)
 # and the non-interactive matplotlib backend.
-# The kernel also joins the test run's persistent XLA cache (tests/conftest.py): the three
-# notebooks compile several identical programs.
+# The kernel joins a persistent XLA cache only where NUMPYRO_SVAE_TEST_JAX_CACHE names one
+# (tests/conftest.py: off by default).
 _PRELUDE = (
     "import os, jax\n"
     "jax.config.update('jax_cpu_enable_async_dispatch', False)\n"

@@ -145,7 +145,7 @@ def test_svae_elbo_requires_svae_guide(key):
         SVAE_ELBO(num_particles=0)
 
 
-@pytest.mark.slow  # ~3-5 min on 2 cores (1500 SVI steps, K=3, T=60, N=16, Dx=10)
+@pytest.mark.slow  # ~1-2 min on 2 cores (1000 SVI steps, K=3, T=60, N=16, Dx=10)
 def test_synthetic_slds_regime_accuracy_matches_truth():
     import importlib.util
     import pathlib
@@ -154,9 +154,9 @@ def test_synthetic_slds_regime_accuracy_matches_truth():
     spec = importlib.util.spec_from_file_location("synthetic_slds_example", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    # measured: accuracy 0.988, ELBO -643 -> 422 per sequence (seed 0; seed-sensitive, see
-    # the example's docstring)
-    out = ex.run(steps=1500, verbose=False)
+    # measured: accuracy 0.988 after 1500 steps (ELBO -643 -> 422 per sequence), 0.988 after
+    # 1000 and 0.987 after 800 (session 5); seed 0, seed-sensitive (the example's docstring)
+    out = ex.run(steps=1000, verbose=False)
     assert out["elbo_last"] > out["elbo_first"]
     assert out["accuracy"] >= 0.9, out
 
