@@ -203,21 +203,15 @@ def eval_guide(run, fcfg: cli.FitConfig, data: cli.Data, N: int, T: int):
     return SVAEGuide(run.model, encoder=enc, max_iters=fcfg.max_iters)
 
 
-def _train(run, x, kw, state, steps: int, warm: int, warm_weight: float, tag: str):
+def _train(run, x, state, steps: int, warm: int, warm_weight: float, tag: str):
     """``steps`` SVI steps with ``stable_update`` (the first ``warm`` with the local KL
-    weighted by ``warm_weight``); returns (state, losses [steps], compile seconds)."""
-    update = jax.jit(lambda s: run.svi.stable_update(s, x, **kw))
+    weighted by ``warm_weight``); returns (state, losses [steps], compile seconds).
+
+    The compiled steps are the command's (`cli.Run.update`, on ``run.model_kwargs``)."""
+    update = run.update(x)
     warm = min(int(warm), steps)
-    if warm:  # first `warm` steps with the local KL down-weighted (a second compilation)
-        from numpyro.infer import SVI
-
-        from numpyro_svae.elbo import SVAE_ELBO
-
-        svi_w = SVI(run.model, run.guide, run.svi.optim,
-                    loss=SVAE_ELBO(local_kl_weight=warm_weight))
-        # share what SVI.init set up (no second eager initialisation)
-        svi_w.constrain_fn, svi_w.static_kwargs = run.svi.constrain_fn, run.svi.static_kwargs
-        update_w = jax.jit(lambda s: svi_w.stable_update(s, x, **kw))
+    # first `warm` steps with the local KL down-weighted (a second compilation)
+    update_w = run.update(x, warm_weight) if warm else None
     losses = np.empty(steps)
     compile_s = 0.0
     t1 = time.time()
@@ -257,14 +251,14 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
         log(f"  switching init: {time.time() - t0:.0f} s, transitions per regime "
             f"{info['init_transitions_per_regime']}")
     else:
-        state = run.svi.init(jax.random.PRNGKey(SEED), x, **kw)
+        state = run.init(SEED, x)  # = svi.init(PRNGKey(SEED)), types as the compiled step's
     timing["init"] = time.time() - t0
     steps = FAST["steps"] if fast else (
         cfg.get("final_steps", cfg["steps"]) if switching else cfg["steps"])
     warm = 0 if switching else cfg.get("kl_warmup_steps", 0)
     t1 = time.time()
     state, losses, timing["compile_first_step"] = _train(
-        run, x, kw, state, steps, warm, cfg.get("kl_warmup_weight", 0.1), family)
+        run, x, state, steps, warm, cfg.get("kl_warmup_weight", 0.1), family)
     timing["steps"] = time.time() - t1 - timing["compile_first_step"]
     timing["skipped_steps"] = int(np.sum(~np.isfinite(losses)))
     timing["seconds_per_step"] = timing["steps"] / max(steps - 1, 1)
