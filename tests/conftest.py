@@ -65,3 +65,29 @@ def pytest_collection_modifyitems(config, items):
     the shared persistent XLA cache still on and lost a worker to that cache's abort (see
     above); the cache is off now."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# A test whose xdist worker dies gets one more run on the replacement worker.  Session 6
+# saw a worker segfault inside XLA's compiler (`backend_compile_and_load`, in
+# `test_fit_with_switching_init_and_frozen_networks`), once in two full runs; the same test
+# passed three times out of three on its own.  Earlier sessions lost workers to aborts in
+# the persistent-cache write.  Only a crash is retried, once per test, and the summary
+# counts it ("1 rerun"); a failing assertion or error fails at once, and a second crash
+# of the same test fails it.
+_CRASH_RERUNS: set = set()
+
+try:
+    import xdist  # noqa: F401  (the hook below is xdist's; without it there are no workers)
+except ImportError:  # pragma: no cover
+    pass
+else:
+    def pytest_handlecrashitem(crashitem, report, sched):
+        if crashitem not in _CRASH_RERUNS:
+            _CRASH_RERUNS.add(crashitem)
+            sched.mark_test_pending(crashitem)
+            report.outcome = "rerun"
+
+    def pytest_report_teststatus(report, config):
+        if report.outcome == "rerun":
+            return "rerun", "R", ("RERUN", {"yellow": True})
+        return None
