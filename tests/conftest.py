@@ -71,8 +71,9 @@ def pytest_collection_modifyitems(config, items):
 # crashes inside XLA have cost whole test runs: aborts in the persistent-cache write
 # (sessions 3-5) and segfaults in compilation at optimisation level 0 (session 6, three
 # fresh-clone runs out of three, in `test_fit_with_switching_init_and_frozen_networks`
-# twice and `test_fit_resume_evaluate_end_to_end` once; each passed on its own and on the
-# rerun).  Only a crash is retried, once per test, and the summary counts it ("1 rerun").
+# twice and `test_fit_resume_evaluate_end_to_end` once; each passes on its own, one rerun
+# passed, and the third run hung after its rerun).  Only a crash is retried, once per
+# test, and the summary counts it ("1 rerun").
 # A failing assertion or error fails at once, and so does a second crash of the same test.
 class _CrashRerun:
     """xdist's ``pytest_handlecrashitem`` (registered only where xdist is active)."""
