@@ -183,26 +183,6 @@ def imputation_scores(x, mean, var, observed) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-def eval_guide(run, fcfg: cli.FitConfig, data: cli.Data, N: int, T: int):
-    """A guide for held-out data of shape [N, T] on the fitted parameters.
-
-    The guide reads its model's structure at the shapes of its first call (training), so
-    other shapes get their own `SVAEGuide` with an encoder of the same architecture (its
-    weights come from the fitted parameters)."""
-    if hasattr(run, "eval_guide"):  # the CLI's own helper, where available
-        return run.eval_guide(N, T)
-    kw = run.model_kwargs
-    if (N, T) == (kw["N"], kw["T"]):
-        return run.guide
-    from numpyro_svae.guide import SVAEGuide
-    from numpyro_svae.nn import GaussianPotentialEncoder
-
-    hidden = (fcfg.hidden, fcfg.hidden)
-    enc = GaussianPotentialEncoder(obs_dim=data.train_x.shape[-1], latent_dim=fcfg.D,
-                                   hidden=hidden, key=jax.random.key(fcfg.seed + 1))
-    return SVAEGuide(run.model, encoder=enc, max_iters=fcfg.max_iters)
-
-
 def _train(run, x, state, steps: int, warm: int, warm_weight: float, tag: str):
     """``steps`` SVI steps with ``stable_update`` (the first ``warm`` with the local KL
     weighted by ``warm_weight``); returns (state, losses [steps], compile seconds).
@@ -269,7 +249,7 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
     N, T, _ = data.test_x.shape
     other = {k: v for k, v in kw.items() if k != "mask"}
     other.update(N=N, T=T)
-    guide = eval_guide(run, fcfg, data, N, T)
+    guide = run.eval_guide(N, T)  # the command's held-out guide (same parameters)
     row: dict = {}
     t2 = time.time()
     if family == "slds":
