@@ -2,29 +2,40 @@
 
 Synthetic SLDS data (`numpyro_svae.datasets.synthetic.synthetic_slds`, nonlinear emissions),
 the model of ``examples/synthetic_slds.py`` (loaded from that file), N = 16, T = 50, K = 3,
-D = 2, Dx = 10, MLP hidden (32,) for encoder and decoder, float32.  Three runs with identical
+D = 2, Dx = 10, MLP hidden (32,) for encoder and decoder, float32.  Every run has identical
 data, networks, initialisation and SVI keys; the networks always get ``optax.adam(NET_LR)``,
 only the rule for the q(theta) parameters (``"qtheta$..."`` sites) changes:
 
-* ``natural``: `natural_gradient` (SGD with rate ``NATGRAD_LR`` on the natural gradient that
-  the library's `SVAEGuide` produces: straight-through expected statistics + natural-gradient
-  custom VJP of the unconstrained map), rate 0.05 as in the example.
+* ``natural``: `natural_gradient` (SGD on the natural gradient that the library's
+  `SVAEGuide` produces: straight-through expected statistics + natural-gradient custom VJP
+  of the unconstrained map); rates 0.02 and 0.05, and 0.05 after holding q(theta) at its
+  initial value for 300 steps (``hold``).
 * ``adam`` / ``sgd``: ``SVAEGuide(..., natural_gradients=False)``, which builds q(theta)
   with ``*_qtheta_terms(natgrad=False)`` and differentiates through the expected
   statistics and the KL (no natural-gradient VJP), so that the q(theta) gradient is the ordinary
   Euclidean gradient in the unconstrained coordinates; the loss value is unchanged.  These
-  parameters get ``optax.adam(lr)`` or ``optax.sgd(lr)`` via ``optax.partition``; the rate
-  is swept over ``RUNS`` and each optimizer's row in ``rows`` is its best rate (fewest steps
-  to 1 %, then highest ELBO); every run is in ``sweep`` with its loss trace.
+  parameters get ``optax.adam(lr)`` or ``optax.sgd(lr)`` via ``optax.partition``.
 
-``python bench/bench_natgrad.py --seeds 1 2`` runs only natural (0.05) and Adam (2e-2) on
-other seeds and writes ``bench/results/natgrad_seeds.json``.
+The runs are listed in ``RUNS``; each optimizer's row in ``rows`` is its best run (fewest
+steps to 1 %, then highest ELBO); every run is in ``sweep`` with its loss trace, its final
+regime accuracy (argmax q(k_t), t >= 1, after the best relabelling) and the number of
+regimes it uses.  ``--jobs 2`` runs two configurations at a time in worker processes (same
+results; each run is seeded on its own).
+
+``python bench/bench_natgrad.py --seeds 1 2`` runs ``SEED_RUNS`` on other seeds and writes
+``bench/results/natgrad_seeds.json``.
+
+``python bench/bench_natgrad.py --frozen-networks`` isolates the q(theta) optimizer: the
+networks of a ``FROZEN_PRETRAIN``-step Adam-2e-2 run of seed 0 are held fixed, q(theta) is
+reset to the guide's initial value, and each rule in ``FROZEN_RUNS`` optimizes q(theta)
+alone for ``FROZEN_STEPS`` steps (the networks get ``optax.set_to_zero()``).  Writes
+``bench/results/natgrad_frozen.json``.
 
 Each optimizer is compiled once (``jax.jit(svi.update)``) and run ``STEPS`` steps; the loss
 (negative ELBO, summed over the N sequences) is recorded every step.  Steps-to-1 %: the loss
 trace is smoothed with a trailing moving average over ``WINDOW`` steps (removes the Monte
 Carlo noise of the one-sample ELBO estimate); ``best`` is the smallest smoothed loss of all
-three runs; a run's ``steps_to_1pct`` is the first step at which its smoothed loss is
+runs; a run's ``steps_to_1pct`` is the first step at which its smoothed loss is
 ``<= best + 0.01 * |best|`` (``null`` if never).  ``best_elbo`` is minus a run's own smallest
 smoothed loss.  Writes ``bench/results/natgrad.json`` and prints a table.
 """
@@ -47,6 +58,7 @@ from numpyro.infer import SVI
 from numpyro_svae.datasets.synthetic import synthetic_slds
 from numpyro_svae.elbo import SVAE_ELBO
 from numpyro_svae.guide import SVAEGuide
+from numpyro_svae.metrics import regimes_used, segmentation_accuracy
 from numpyro_svae.nn import GaussianPotentialEncoder
 from numpyro_svae.optim import QTHETA_PREFIX, natural_gradient
 
@@ -56,10 +68,13 @@ SEED = 0
 STEPS = int(os.environ.get("BENCH_NATGRAD_STEPS", 8000))  # env override only for smoke tests
 WINDOW = 50
 NET_LR = 5e-3
-# (optimizer, q(theta) learning rate): natural gradients at the example's rate, small sweeps
-# for the baselines (each optimizer's row reports its best rate).
-RUNS = [("natural", 0.05), ("adam", 1e-3), ("adam", 5e-3), ("adam", 2e-2), ("adam", 5e-2),
-        ("sgd", 1e-4), ("sgd", 1e-3)]
+# (optimizer, q(theta) learning rate, hold): small sweeps for every rule (each optimizer's row
+# reports its best run).  ``hold`` > 0 keeps q(theta) at its initial value for that many
+# steps before the natural-gradient steps start (a schedule that is 0 and then the rate; the
+# networks train from step 1), session 7's remedy for the regime merge on seed 0.
+RUNS = [("natural", 0.02, 0), ("natural", 0.05, 0), ("natural", 0.05, 300),
+        ("adam", 1e-3, 0), ("adam", 5e-3, 0), ("adam", 2e-2, 0), ("adam", 5e-2, 0),
+        ("sgd", 1e-4, 0), ("sgd", 1e-3, 0)]
 
 
 def _load_example_model():
@@ -70,14 +85,20 @@ def _load_example_model():
     return mod.slds
 
 
-def _partition(qtheta_rule: optax.GradientTransformation) -> optax.GradientTransformation:
-    def labels(params):
-        out = {}
-        for n, v in params.items():
-            lab = "q" if str(n).startswith(QTHETA_PREFIX) else "o"
-            out[n] = jax.tree.map(lambda _, lab=lab: lab, v)
-        return out
-    return optax.partition({"q": qtheta_rule, "o": optax.adam(NET_LR)}, labels)
+def _labels(params):
+    """``"q"`` for the q(theta) parameters, ``"o"`` for the networks."""
+    out = {}
+    for n, v in params.items():
+        lab = "q" if str(n).startswith(QTHETA_PREFIX) else "o"
+        out[n] = jax.tree.map(lambda _, lab=lab: lab, v)
+    return out
+
+
+def _partition(qtheta_rule: optax.GradientTransformation,
+               net_rule: optax.GradientTransformation | None = None
+               ) -> optax.GradientTransformation:
+    net_rule = optax.adam(NET_LR) if net_rule is None else net_rule
+    return optax.partition({"q": qtheta_rule, "o": net_rule}, _labels)
 
 
 def _smooth(losses: np.ndarray, window: int) -> np.ndarray:
@@ -88,13 +109,23 @@ def _smooth(losses: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
-def run_one(name: str, lr: float, model, x) -> dict:
+def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None) -> dict:
+    """Train one configuration for ``STEPS`` steps; with ``labels`` ([N, T] true regimes) also
+    the frame accuracy of ``argmax q(k_t)``, t >= 1, after best relabelling, and the number
+    of regimes used, at the end."""
     k_enc, k_svi = jax.random.split(jax.random.key(SEED))
     encoder = GaussianPotentialEncoder(obs_dim=DX, latent_dim=D, hidden=HIDDEN, key=k_enc)
     if name == "natural":
         guide = SVAEGuide(model, encoder=encoder)
-        optim = natural_gradient(natgrad_lr=lr, other=optax.adam(NET_LR))
+        if hold:
+            sched = optax.join_schedules([optax.constant_schedule(0.0),
+                                          optax.constant_schedule(lr)], [hold])
+            optim = natural_gradient(schedule=sched, other=optax.adam(NET_LR))
+        else:
+            optim = natural_gradient(natgrad_lr=lr, other=optax.adam(NET_LR))
     else:
+        if hold:
+            raise ValueError("hold applies to the natural-gradient runs only")
         guide = SVAEGuide(model, encoder=encoder, natural_gradients=False)
         optim = _partition(optax.adam(lr) if name == "adam" else optax.sgd(lr))
     kw = dict(N=N, T=T, K=K, D=D, Dx=DX, hidden=HIDDEN)
@@ -112,47 +143,82 @@ def run_one(name: str, lr: float, model, x) -> dict:
         losses.append(loss)
     losses = np.asarray(jax.device_get(losses), dtype=np.float64)
     train_s = time.perf_counter() - t0
-    print(f"{name} lr={lr:g}: compile {compile_s:.1f} s, {STEPS} steps {train_s:.1f} s, "
-          f"final smoothed loss {_smooth(losses, WINDOW)[-1]:.2f}", flush=True)
-    return {"optimizer": name, "lr": lr, "losses": losses, "compile_s": compile_s,
-            "train_s": train_s}
+    out = {"optimizer": name, "lr": lr, "hold": hold, "losses": losses,
+           "compile_s": compile_s, "train_s": train_s, "accuracy": None, "regimes_used": None}
+    if labels is not None:
+        marg = np.asarray(guide.posterior(svi.get_params(state), x, **kw).regime_marginals)
+        out["accuracy"] = float(segmentation_accuracy(marg[:, 1:].argmax(-1),
+                                                      np.asarray(labels)[:, 1:], K, K))
+        out["regimes_used"] = int(regimes_used(marg))
+    print(f"{name} lr={lr:g} hold={hold}: compile {compile_s:.1f} s, {STEPS} steps "
+          f"{train_s:.1f} s, final smoothed loss {_smooth(losses, WINDOW)[-1]:.2f}, "
+          f"accuracy {out['accuracy']}, regimes used {out['regimes_used']}", flush=True)
+    return out
+
+
+def _run_job(job: tuple) -> dict:
+    """One run in a worker process (``--jobs``): loads the model and the seed's data itself."""
+    name, lr, hold, seed = job
+    global SEED
+    SEED = seed
+    data = synthetic_slds(seed, num_sequences=N, num_timesteps=T, num_regimes=K, latent_dim=D,
+                          obs_dim=DX, nonlinear=True)
+    return run_one(name, lr, _load_example_model(), jnp.asarray(data.x), hold=hold,
+                   labels=data.k)
+
+
+def _run_all(jobs: list[tuple], processes: int) -> list[dict]:
+    if processes <= 1:
+        return [_run_job(j) for j in jobs]
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh JAX per worker
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        return list(pool.map(_run_job, jobs))
 
 
 def main() -> None:
     import sys
 
-    if len(sys.argv) > 2 and sys.argv[1] == "--seeds":
-        other_seeds([int(v) for v in sys.argv[2:]])
+    args = sys.argv[1:]
+    processes = 1
+    if len(args) >= 2 and args[0] == "--jobs":
+        processes, args = int(args[1]), args[2:]
+    if len(args) >= 2 and args[0] == "--seeds":
+        other_seeds([int(v) for v in args[1:]], processes)
         return
-    model = _load_example_model()
-    data = synthetic_slds(SEED, num_sequences=N, num_timesteps=T, num_regimes=K, latent_dim=D,
-                          obs_dim=DX, nonlinear=True)
-    x = jnp.asarray(data.x)
-    runs = [run_one(name, lr, model, x) for name, lr in RUNS]
-    summarize(runs)
+    if args == ["--frozen-networks"]:
+        frozen_networks()
+        return
+    if args:
+        raise SystemExit("usage: bench_natgrad.py [--jobs P] [--seeds S [S ...] | "
+                         "--frozen-networks]")
+    summarize(_run_all([(name, lr, hold, SEED) for name, lr, hold in RUNS], processes))
 
 
-SEED_RUNS = [("natural", 0.05), ("adam", 2e-2)]  # the best rate of each in the seed-0 sweep
+# natural 0.05 and Adam 2e-2 (the best rates of the session-3 seed-0 sweep) and the held
+# natural run of session 7
+SEED_RUNS = [("natural", 0.05, 0), ("natural", 0.05, 300), ("adam", 2e-2, 0)]
 
 
-def other_seeds(seeds: list[int]) -> None:
-    """``python bench/bench_natgrad.py --seeds 1 2``: natural (0.05) vs Adam (2e-2) on other
-    data / initialisation seeds (each seed its own data set, networks and SVI keys); steps to
-    1 % of the better run's best smoothed loss.  Writes ``bench/results/natgrad_seeds.json``."""
-    global SEED
-    model = _load_example_model()
+def other_seeds(seeds: list[int], processes: int = 1) -> None:
+    """``python bench/bench_natgrad.py --seeds 1 2``: ``SEED_RUNS`` on other data /
+    initialisation seeds (each seed its own data set, networks and SVI keys); steps to 1 % of
+    the best run's best smoothed loss of that seed.  Writes
+    ``bench/results/natgrad_seeds.json``."""
     rows = []
-    for seed in seeds:
-        SEED = seed
-        data = synthetic_slds(seed, num_sequences=N, num_timesteps=T, num_regimes=K,
-                              latent_dim=D, obs_dim=DX, nonlinear=True)
-        runs = [run_one(name, lr, model, jnp.asarray(data.x)) for name, lr in SEED_RUNS]
+    all_runs = _run_all([(n, lr, h, s) for s in seeds for n, lr, h in SEED_RUNS], processes)
+    for i, seed in enumerate(seeds):
+        runs = all_runs[i * len(SEED_RUNS):(i + 1) * len(SEED_RUNS)]
         sm = [_smooth(r["losses"], WINDOW) for r in runs]
         best = float(min(np.min(v[np.isfinite(v)]) for v in sm))
         thresh = best + 0.01 * abs(best)
         for r, v in zip(runs, sm, strict=True):
             hit = np.nonzero(np.isfinite(v) & (v <= thresh))[0]
             rows.append({"seed": seed, "optimizer": r["optimizer"], "lr": r["lr"],
+                         "hold": r["hold"], "accuracy": r["accuracy"],
+                         "regimes_used": r["regimes_used"],
                          "steps_to_1pct": int(hit[0]) + 1 if hit.size else None,
                          "best_elbo": float(-np.min(v)), "final_elbo": float(-v[-1]),
                          "elbo_every_500": [float(-v[i]) for i in range(0, len(v), 500)]})
@@ -161,6 +227,94 @@ def other_seeds(seeds: list[int]) -> None:
     path = ROOT / "bench" / "results" / "natgrad_seeds.json"
     path.write_text(json.dumps({"config": {"steps": STEPS, "window": WINDOW, "runs": SEED_RUNS},
                                 "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+FROZEN_PRETRAIN, FROZEN_STEPS, FROZEN_WINDOW = 2000, 1000, 20
+FROZEN_RUNS = [("natural", 0.1), ("natural", 0.3), ("natural", 1.0), ("adam", 2e-2),
+               ("adam", 5e-2), ("adam", 0.2), ("sgd", 1e-4), ("sgd", 1e-3)]
+FROZEN_REPORT_AT = (1, 10, 30, 100, 300, 1000)
+
+
+def frozen_networks() -> None:
+    """q(theta) alone, networks fixed: how fast each rule fits the conjugate globals.
+
+    Seed-0 data and networks; the networks come from ``FROZEN_PRETRAIN`` steps of the
+    baseline's best configuration (Adam 2e-2 on q(theta), Adam ``NET_LR`` on the networks),
+    so that they are informative; q(theta) restarts from the guide's initial value in every
+    run.  Reports the smoothed ELBO at ``FROZEN_REPORT_AT`` steps and the steps to within
+    1 % and 0.1 % of the best smoothed ELBO of all runs."""
+    model = _load_example_model()
+    data = synthetic_slds(SEED, num_sequences=N, num_timesteps=T, num_regimes=K,
+                          latent_dim=D, obs_dim=DX, nonlinear=True)
+    x = jnp.asarray(data.x)
+    kw = dict(N=N, T=T, K=K, D=D, Dx=DX, hidden=HIDDEN)
+    k_enc, k_svi = jax.random.split(jax.random.key(SEED))
+    encoder = GaussianPotentialEncoder(obs_dim=DX, latent_dim=D, hidden=HIDDEN, key=k_enc)
+    guide = SVAEGuide(model, encoder=encoder, natural_gradients=False)
+    svi = SVI(model, guide, _partition(optax.adam(2e-2)), loss=SVAE_ELBO())
+    state = svi.init(k_svi, x, **kw)
+    initial = svi.get_params(state)
+    update = jax.jit(lambda s: svi.update(s, x, **kw))
+    t0 = time.perf_counter()
+    for _ in range(FROZEN_PRETRAIN):
+        state, _ = update(state)
+    trained = svi.get_params(state)
+    start = {n: initial[n] if n.startswith(QTHETA_PREFIX) else trained[n] for n in trained}
+    print(f"pretrained the networks for {FROZEN_PRETRAIN} steps in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    runs = []
+    for name, lr in FROZEN_RUNS:
+        g = SVAEGuide(model, encoder=encoder, natural_gradients=name == "natural")
+        rule = optax.adam(lr) if name == "adam" else optax.sgd(lr)
+        s = SVI(model, g, _partition(rule, optax.set_to_zero()), loss=SVAE_ELBO())
+        st = s.init(k_svi, x, init_params=start, **kw)
+        step = jax.jit(lambda st, s=s: s.update(st, x, **kw))
+        losses = []
+        t0 = time.perf_counter()
+        for _ in range(FROZEN_STEPS):
+            st, loss = step(st)
+            losses.append(loss)
+        losses = np.asarray(jax.device_get(losses), dtype=np.float64)
+        moved = [n for n in start if not n.startswith(QTHETA_PREFIX) and any(
+            not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start[n]),
+                                                     jax.tree.leaves(s.get_params(st)[n]),
+                                                     strict=True))]
+        assert not moved, f"networks moved: {moved}"
+        runs.append({"optimizer": name, "lr": lr, "losses": losses,
+                     "seconds": time.perf_counter() - t0})
+        print(f"{name} lr={lr:g}: {FROZEN_STEPS} steps in {runs[-1]['seconds']:.0f} s, final "
+              f"smoothed ELBO {-_smooth(losses, FROZEN_WINDOW)[-1]:.2f}", flush=True)
+
+    smoothed = [_smooth(r["losses"], FROZEN_WINDOW) for r in runs]
+    best = float(min(np.min(v[np.isfinite(v)]) for v in smoothed))
+
+    def first(v, frac):
+        hit = np.nonzero(np.isfinite(v) & (v <= best + frac * abs(best)))[0]
+        return int(hit[0]) + 1 if hit.size else None
+
+    rows = [{"optimizer": r["optimizer"], "lr": r["lr"],
+             "steps_to_1pct": first(v, 0.01), "steps_to_0.1pct": first(v, 0.001),
+             "best_elbo": float(-np.min(np.where(np.isfinite(v), v, np.inf))),
+             "elbo_at": {str(i): float(-v[i - 1]) for i in FROZEN_REPORT_AT},
+             "seconds": r["seconds"], "loss_trace": [float(u) for u in r["losses"]]}
+            for r, v in zip(runs, smoothed, strict=True)]
+    path = ROOT / "bench" / "results" / "natgrad_frozen.json"
+    path.write_text(json.dumps({
+        "config": {"N": N, "T": T, "K": K, "D": D, "Dx": DX, "hidden": list(HIDDEN),
+                   "seed": SEED, "pretrain_steps": FROZEN_PRETRAIN, "steps": FROZEN_STEPS,
+                   "window": FROZEN_WINDOW, "runs": [list(r) for r in FROZEN_RUNS],
+                   "best_loss": best},
+        "machine": {"platform": platform.platform(), "jax": jax.__version__,
+                    "backend": jax.default_backend()},
+        "rows": rows}, indent=1))
+    print(f"\nbest smoothed ELBO {-best:.2f} (window {FROZEN_WINDOW}); ELBO at steps "
+          f"{FROZEN_REPORT_AT}")
+    for r in rows:
+        print(f"{r['optimizer']:<8}{r['lr']:>7g}  1 %: {r['steps_to_1pct']!s:>5}  0.1 %: "
+              f"{r['steps_to_0.1pct']!s:>5}  " + " ".join(
+                  f"{v:9.1f}" for v in r["elbo_at"].values()))
     print(f"wrote {path}")
 
 
@@ -176,6 +330,9 @@ def summarize(runs: list[dict]) -> None:
         sweep.append({
             "optimizer": r["optimizer"],
             "lr": r["lr"],
+            "hold": r["hold"],
+            "accuracy": r["accuracy"],
+            "regimes_used": r["regimes_used"],
             "steps_to_1pct": int(hit[0]) + 1 if hit.size else None,
             "best_elbo": float(-own.min()),
             "final_elbo": float(-s[-1]),
@@ -184,7 +341,7 @@ def summarize(runs: list[dict]) -> None:
             "loss_trace": [float(v) for v in r["losses"]],
         })
     rows = []
-    for name in dict.fromkeys(n for n, _ in RUNS):  # best rate per optimizer
+    for name in dict.fromkeys(n for n, _, _ in RUNS):  # best run per optimizer
         cand = [w for w in sweep if w["optimizer"] == name]
         rows.append(min(cand, key=lambda w: (w["steps_to_1pct"] is None,
                                              w["steps_to_1pct"] or 0, -w["best_elbo"])))
@@ -209,16 +366,19 @@ def summarize(runs: list[dict]) -> None:
     path.write_text(json.dumps(out, indent=1))
     print(f"\nbest smoothed loss {best:.2f}, 1 % threshold {thresh:.2f} (window {WINDOW})")
     print(f"1 % of the best Adam loss {adam_best:.2f}: threshold {thresh_adam:.2f}")
-    print(f"{'optimizer':<10}{'lr':>8}{'steps_to_1pct':>15}{'to_adam_best':>14}{'best_elbo':>12}{'final_elbo':>12}"
-          f"{'compile_s':>11}{'train_s':>9}")
+    print(f"{'optimizer':<10}{'lr':>8}{'hold':>6}{'steps_to_1pct':>15}{'to_adam_best':>14}"
+          f"{'best_elbo':>12}{'final_elbo':>12}{'accuracy':>10}{'used':>6}{'compile_s':>11}"
+          f"{'train_s':>9}")
     for r in sweep:
         steps = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
         to_adam = r["steps_to_1pct_of_best_adam"]
         to_adam = "never" if to_adam is None else str(to_adam)
-        print(f"{r['optimizer']:<10}{r['lr']:>8g}{steps:>15}{to_adam:>14}{r['best_elbo']:>12.2f}{r['final_elbo']:>12.2f}"
-              f"{r['compile_s']:>11.1f}{r['train_s']:>9.1f}")
-    print("best rate per optimizer: " + ", ".join(
-        f"{r['optimizer']} lr={r['lr']:g} -> {r['steps_to_1pct']} steps" for r in rows))
+        print(f"{r['optimizer']:<10}{r['lr']:>8g}{r['hold']:>6}{steps:>15}{to_adam:>14}"
+              f"{r['best_elbo']:>12.2f}{r['final_elbo']:>12.2f}{r['accuracy']:>10.3f}"
+              f"{r['regimes_used']:>6}{r['compile_s']:>11.1f}{r['train_s']:>9.1f}")
+    print("best run per optimizer: " + ", ".join(
+        f"{r['optimizer']} lr={r['lr']:g} hold={r['hold']} -> {r['steps_to_1pct']} steps"
+        for r in rows))
     print(f"wrote {path}")
 
 
