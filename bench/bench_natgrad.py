@@ -109,6 +109,20 @@ def _smooth(losses: np.ndarray, window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
+def _first_within(smoothed: np.ndarray, threshold: float) -> int | None:
+    """First step (1-based) whose smoothed loss is <= ``threshold``; None if never."""
+    hit = np.nonzero(np.isfinite(smoothed) & (smoothed <= threshold))[0]
+    return int(hit[0]) + 1 if hit.size else None
+
+
+def _data(seed: int):
+    return synthetic_slds(seed, num_sequences=N, num_timesteps=T, num_regimes=K, latent_dim=D,
+                          obs_dim=DX, nonlinear=True)
+
+
+MODEL_KW = dict(N=N, T=T, K=K, D=D, Dx=DX, hidden=HIDDEN)
+
+
 def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None) -> dict:
     """Train one configuration for ``STEPS`` steps; with ``labels`` ([N, T] true regimes) also
     the frame accuracy of ``argmax q(k_t)``, t >= 1, after best relabelling, and the number
@@ -117,18 +131,15 @@ def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None) -> dict:
     encoder = GaussianPotentialEncoder(obs_dim=DX, latent_dim=D, hidden=HIDDEN, key=k_enc)
     if name == "natural":
         guide = SVAEGuide(model, encoder=encoder)
-        if hold:
-            sched = optax.join_schedules([optax.constant_schedule(0.0),
-                                          optax.constant_schedule(lr)], [hold])
-            optim = natural_gradient(schedule=sched, other=optax.adam(NET_LR))
-        else:
-            optim = natural_gradient(natgrad_lr=lr, other=optax.adam(NET_LR))
+        rate = dict(natgrad_lr=lr) if not hold else dict(schedule=optax.join_schedules(
+            [optax.constant_schedule(0.0), optax.constant_schedule(lr)], [hold]))
+        optim = natural_gradient(**rate, other=optax.adam(NET_LR))
     else:
         if hold:
             raise ValueError("hold applies to the natural-gradient runs only")
         guide = SVAEGuide(model, encoder=encoder, natural_gradients=False)
         optim = _partition(optax.adam(lr) if name == "adam" else optax.sgd(lr))
-    kw = dict(N=N, T=T, K=K, D=D, Dx=DX, hidden=HIDDEN)
+    kw = MODEL_KW
     svi = SVI(model, guide, optim, loss=SVAE_ELBO())
     state = svi.init(k_svi, x, **kw)
     update = jax.jit(lambda s: svi.update(s, x, **kw))
@@ -161,8 +172,7 @@ def _run_job(job: tuple) -> dict:
     name, lr, hold, seed = job
     global SEED
     SEED = seed
-    data = synthetic_slds(seed, num_sequences=N, num_timesteps=T, num_regimes=K, latent_dim=D,
-                          obs_dim=DX, nonlinear=True)
+    data = _data(seed)
     return run_one(name, lr, _load_example_model(), jnp.asarray(data.x), hold=hold,
                    labels=data.k)
 
@@ -215,11 +225,10 @@ def other_seeds(seeds: list[int], processes: int = 1) -> None:
         best = float(min(np.min(v[np.isfinite(v)]) for v in sm))
         thresh = best + 0.01 * abs(best)
         for r, v in zip(runs, sm, strict=True):
-            hit = np.nonzero(np.isfinite(v) & (v <= thresh))[0]
             rows.append({"seed": seed, "optimizer": r["optimizer"], "lr": r["lr"],
                          "hold": r["hold"], "accuracy": r["accuracy"],
                          "regimes_used": r["regimes_used"],
-                         "steps_to_1pct": int(hit[0]) + 1 if hit.size else None,
+                         "steps_to_1pct": _first_within(v, thresh),
                          "best_elbo": float(-np.min(v)), "final_elbo": float(-v[-1]),
                          "elbo_every_500": [float(-v[i]) for i in range(0, len(v), 500)]})
             print(rows[-1]["seed"], rows[-1]["optimizer"], rows[-1]["steps_to_1pct"],
@@ -245,10 +254,8 @@ def frozen_networks() -> None:
     run.  Reports the smoothed ELBO at ``FROZEN_REPORT_AT`` steps and the steps to within
     1 % and 0.1 % of the best smoothed ELBO of all runs."""
     model = _load_example_model()
-    data = synthetic_slds(SEED, num_sequences=N, num_timesteps=T, num_regimes=K,
-                          latent_dim=D, obs_dim=DX, nonlinear=True)
-    x = jnp.asarray(data.x)
-    kw = dict(N=N, T=T, K=K, D=D, Dx=DX, hidden=HIDDEN)
+    x = jnp.asarray(_data(SEED).x)
+    kw = MODEL_KW
     k_enc, k_svi = jax.random.split(jax.random.key(SEED))
     encoder = GaussianPotentialEncoder(obs_dim=DX, latent_dim=D, hidden=HIDDEN, key=k_enc)
     guide = SVAEGuide(model, encoder=encoder, natural_gradients=False)
@@ -290,12 +297,9 @@ def frozen_networks() -> None:
     smoothed = [_smooth(r["losses"], FROZEN_WINDOW) for r in runs]
     best = float(min(np.min(v[np.isfinite(v)]) for v in smoothed))
 
-    def first(v, frac):
-        hit = np.nonzero(np.isfinite(v) & (v <= best + frac * abs(best)))[0]
-        return int(hit[0]) + 1 if hit.size else None
-
     rows = [{"optimizer": r["optimizer"], "lr": r["lr"],
-             "steps_to_1pct": first(v, 0.01), "steps_to_0.1pct": first(v, 0.001),
+             "steps_to_1pct": _first_within(v, best + 0.01 * abs(best)),
+             "steps_to_0.1pct": _first_within(v, best + 0.001 * abs(best)),
              "best_elbo": float(-np.min(np.where(np.isfinite(v), v, np.inf))),
              "elbo_at": {str(i): float(-v[i - 1]) for i in FROZEN_REPORT_AT},
              "seconds": r["seconds"], "loss_trace": [float(u) for u in r["losses"]]}
@@ -325,7 +329,6 @@ def summarize(runs: list[dict]) -> None:
     thresh = best + 0.01 * abs(best)
     sweep = []
     for r, s in zip(runs, smoothed, strict=True):
-        hit = np.nonzero(np.isfinite(s) & (s <= thresh))[0]
         own = np.where(np.isfinite(s), s, np.inf)
         sweep.append({
             "optimizer": r["optimizer"],
@@ -333,7 +336,7 @@ def summarize(runs: list[dict]) -> None:
             "hold": r["hold"],
             "accuracy": r["accuracy"],
             "regimes_used": r["regimes_used"],
-            "steps_to_1pct": int(hit[0]) + 1 if hit.size else None,
+            "steps_to_1pct": _first_within(s, thresh),
             "best_elbo": float(-own.min()),
             "final_elbo": float(-s[-1]),
             "compile_s": r["compile_s"],
@@ -349,8 +352,7 @@ def summarize(runs: list[dict]) -> None:
     adam_best = -max(w["best_elbo"] for w in sweep if w["optimizer"] == "adam")
     thresh_adam = adam_best + 0.01 * abs(adam_best)
     for w, s in zip(sweep, smoothed, strict=True):
-        hit = np.nonzero(np.isfinite(s) & (s <= thresh_adam))[0]
-        w["steps_to_1pct_of_best_adam"] = int(hit[0]) + 1 if hit.size else None
+        w["steps_to_1pct_of_best_adam"] = _first_within(s, thresh_adam)
     out = {
         "config": {"N": N, "T": T, "K": K, "D": D, "Dx": DX, "hidden": list(HIDDEN),
                    "seed": SEED, "steps": STEPS, "window": WINDOW, "net_lr": NET_LR,
