@@ -6,14 +6,22 @@ code takes 203 ms per step, 6-7 min to compile one step and 2.4 GB peak memory o
 2-core reference machine. We time, in a fresh process: `SVI.init` (structure discovery and
 parameter initialisation), compilation + first call of the jitted `svi.update`, and the
 median of 20 further steps; peak RSS of the process. Writes `bench/results/step.json`.
+
+Two rows, each in its own fresh process: XLA's default CPU settings (what a library user
+gets), and the settings the ``numpyro-svae`` command adds (``cli.XLA_CPU_DEFAULTS``: the
+elemental fusion emitter, no concurrency-optimised scheduler); the ratio of the two is
+printed. ``--one`` measures the current process's settings only (the worker).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
 import resource
+import subprocess
+import sys
 import time
 
 import jax
@@ -29,7 +37,8 @@ from numpyro_svae.optim import natural_gradient
 RESEARCH = {"step_s": 0.203, "compile_s": 6.5 * 60, "peak_bytes": 2.4e9}
 
 
-def main() -> None:
+def measure() -> dict:
+    """One row for this process's XLA settings."""
     B, T, K, D, Dx = 16, 100, 4, 4, 12
     x = np.random.default_rng(0).normal(size=(B, T, Dx)).astype(np.float32)
     kw = dict(N=B, T=T, Dx=Dx, K=K, D=D, hidden=(128, 128))
@@ -63,14 +72,37 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
                     "jax": jax.__version__, "cpus": len(jax.devices())},
     }
+    row["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    return row
+
+
+def _line(row: dict) -> str:
+    return (f"init {row['init_s']:.1f} s | compile + first step "
+            f"{row['compile_first_step_s']:.1f} s | step {1e3 * row['step_s']:.1f} ms "
+            f"(research 203 ms: ratio {row['step_ratio_vs_research']:.2f}) | peak RSS "
+            f"{row['peak_rss_bytes'] / 1e9:.2f} GB (research 2.4 GB)")
+
+
+def main() -> None:
+    if "--one" in sys.argv[1:]:
+        print(json.dumps(measure()))
+        return
+    from numpyro_svae.cli import XLA_CPU_DEFAULTS
+
+    user = os.environ.get("XLA_FLAGS", "")
+    rows = []
+    for setting, flags in (("xla_defaults", user),
+                           ("cli_defaults", " ".join([user, *XLA_CPU_DEFAULTS]).strip())):
+        env = dict(os.environ, XLA_FLAGS=flags)
+        done = subprocess.run([sys.executable, __file__, "--one"], env=env, check=True,
+                              capture_output=True, text=True)
+        row = dict(json.loads(done.stdout.strip().splitlines()[-1]), setting=setting)
+        rows.append(row)
+        print(f"{setting:13s} {_line(row)}")
+    a, b = rows
+    ratios = {k: b[k] / a[k] for k in ("init_s", "compile_first_step_s", "step_s",
+                                       "peak_rss_bytes")}
+    print("cli_defaults / xla_defaults: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     out = pathlib.Path(__file__).parent / "results" / "step.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"rows": [row]}, indent=1))
-    print(f"init {init_s:.1f} s | compile + first step {compile_s:.1f} s | "
-          f"step {1e3 * step_s:.1f} ms "
-          f"(research 203 ms: ratio {row['step_ratio_vs_research']:.2f}) | peak RSS "
-          f"{peak / 1e9:.2f} GB (research 2.4 GB)")
-
-
-if __name__ == "__main__":
-    main()
+    out.write_text(json.dumps({"rows": rows, "cli_over_xla_defaults": ratios}, indent=1))

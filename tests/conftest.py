@@ -5,7 +5,16 @@ import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# XLA's CPU runtime deadlocks on some programs when its concurrency-optimised scheduler
+# runs independent operations at once: every thread waits on a futex and the call never
+# returns (session 8: `test_stats_kl_entropy_and_density_match_numpyro[mniw]` hangs every
+# time it runs alone, and hung one whole test run; the same pattern as dynamax's parallel
+# smoother at T = 10,000 in docs/benchmarks.md).  With that scheduler off it passes.
+#
 # Cheaper XLA CPU compilation for the test run (most of the suite's time is compilation):
+# XLA's long-standing elemental IR emitter for fusions instead of the newer MLIR "fusion
+# emitters" (session 8: the notebook-sized SLDS training step compiles in 5.8 s instead of
+# 10.8 s, the compiled eager guide body in 4.8 s instead of 8.3 s; same results), and
 # LLVM optimisation level 1 without its expensive passes.  Measured on the 2-core machine:
 # compile-bound tests -23 % CPU time, the longest training test -13 % (session 5).  Level 0
 # is faster still (session 6: 648 s against 798 s for the whole suite in the working
@@ -14,7 +23,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # at level 1 without the persistent cache has crashed.  No fast-math is involved (XLA's
 # default stays off), so results are IEEE-identical up to operation order.  Subprocesses
 # (notebook kernels) inherit the variable.  Benchmarks and users keep XLA's defaults.
-_TEST_XLA_FLAGS = ("--xla_backend_optimization_level=1",
+_TEST_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
+                   "--xla_cpu_use_fusion_emitters=false",
+                   "--xla_backend_optimization_level=1",
                    "--xla_llvm_disable_expensive_passes=true")
 _flags = os.environ.get("XLA_FLAGS", "").split()
 _flags += [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]

@@ -1,6 +1,7 @@
 """The `numpyro-svae` command: clear one-line errors (exit 2), safe atomic checkpoints."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -338,3 +339,22 @@ def test_mocap6_training_windows_keep_the_held_out_trial_whole(mocap6_path):
     assert win.train_mask.all() and win.train_labels.shape == win.train_x.shape[:2]
     np.testing.assert_array_equal(win.test_x, whole.test_x)
     np.testing.assert_array_equal(win.test_mask, whole.test_mask)
+
+
+def test_xla_cpu_defaults_are_added_before_backends_exist_and_respect_the_user(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true --xla_foo=1")
+    assert cli._set_xla_cpu_defaults()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags == ["--xla_cpu_use_fusion_emitters=true", "--xla_foo=1",
+                     "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    monkeypatch.delenv("XLA_FLAGS")
+    assert cli._set_xla_cpu_defaults()
+    assert os.environ["XLA_FLAGS"].split() == list(cli.XLA_CPU_DEFAULTS)
+    # once JAX has its backends, XLA will not read the variable again: leave it alone
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+    assert not cli._set_xla_cpu_defaults()
+    assert os.environ["XLA_FLAGS"] == "--xla_foo=1"
