@@ -106,3 +106,7 @@ def main() -> None:
     out = pathlib.Path(__file__).parent / "results" / "step.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "cli_over_xla_defaults": ratios}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
