@@ -14,7 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Cheaper XLA CPU compilation for the test run (most of the suite's time is compilation):
 # XLA's long-standing elemental IR emitter for fusions instead of the newer MLIR "fusion
 # emitters" (session 8: the notebook-sized SLDS training step compiles in 5.8 s instead of
-# 10.8 s, the compiled eager guide body in 4.8 s instead of 8.3 s; same results), and
+# 10.8 s, the compiled eager guide body in 4.8 s instead of 8.3 s; every test passes), and
 # LLVM optimisation level 1 without its expensive passes.  Measured on the 2-core machine:
 # compile-bound tests -23 % CPU time, the longest training test -13 % (session 5).  Level 0
 # is faster still (session 6: 648 s against 798 s for the whole suite in the working
@@ -22,7 +22,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # compiler at level 0, in two different tests (docs/design.md, session 6); no run
 # at level 1 without the persistent cache has crashed.  No fast-math is involved (XLA's
 # default stays off), so results are IEEE-identical up to operation order.  Subprocesses
-# (notebook kernels) inherit the variable.  Benchmarks and users keep XLA's defaults.
+# (notebook kernels) inherit the variable.  Benchmarks and library users keep XLA's
+# defaults; the `numpyro-svae` command sets the first two flags (`cli.XLA_CPU_DEFAULTS`).
 _TEST_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
                    "--xla_cpu_use_fusion_emitters=false",
                    "--xla_backend_optimization_level=1",
