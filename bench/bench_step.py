@@ -9,8 +9,10 @@ median of 20 further steps; peak RSS of the process. Writes `bench/results/step.
 
 Two rows, each in its own fresh process: XLA's default CPU settings (what a library user
 gets), and the settings the ``numpyro-svae`` command adds (``cli.XLA_CPU_DEFAULTS``: the
-elemental fusion emitter, no concurrency-optimised scheduler); the ratio of the two is
-printed. ``--one`` measures the current process's settings only (the worker).
+elemental fusion emitter); the ratio of the two is printed. (The stored cli_defaults row was
+measured with ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` as well, a setting
+withdrawn afterwards; see docs/benchmarks.md.) ``--one`` measures the current process's
+settings only (the worker).
 """
 
 from __future__ import annotations

@@ -883,16 +883,12 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised by hand
     raise KeyboardInterrupt
 
 
-# XLA CPU settings for the command's own process (``docs/design.md``, session 8):
-# - the concurrency-optimised scheduler of XLA's CPU runtime can deadlock (every thread
-#   waits, the call never returns; a float64 test program hangs every time with it), so it
-#   is off;
-# - XLA's long-standing elemental fusion emitter instead of the newer MLIR one: the training
-#   step of `bench/bench_step.py` compiles in 14.1 s instead of 22.3 s and the process peaks
-#   at 1.02 GB instead of 2.09 GB, at about the same step time (44.7 vs 42.6 ms).
-# A flag the user already names in XLA_FLAGS is left as the user set it.
-XLA_CPU_DEFAULTS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
-                    "--xla_cpu_use_fusion_emitters=false")
+# XLA CPU settings for the command's own process (``docs/design.md``, session 8): XLA's
+# long-standing elemental fusion emitter instead of the newer MLIR one. The training step of
+# `bench/bench_step.py` compiles in 14.1 s instead of 22.3 s and the process peaks at
+# 1.02 GB instead of 2.09 GB, at about the same step time (44.7 vs 42.6 ms). A flag the user
+# already names in XLA_FLAGS is left as the user set it.
+XLA_CPU_DEFAULTS = ("--xla_cpu_use_fusion_emitters=false",)
 
 
 def _set_xla_cpu_defaults() -> bool:

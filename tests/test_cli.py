@@ -348,8 +348,10 @@ def test_xla_cpu_defaults_are_added_before_backends_exist_and_respect_the_user(m
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true --xla_foo=1")
     assert cli._set_xla_cpu_defaults()
     flags = os.environ["XLA_FLAGS"].split()
-    assert flags == ["--xla_cpu_use_fusion_emitters=true", "--xla_foo=1",
-                     "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    assert flags == ["--xla_cpu_use_fusion_emitters=true", "--xla_foo=1"]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+    assert cli._set_xla_cpu_defaults()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_foo=1", *cli.XLA_CPU_DEFAULTS]
     monkeypatch.delenv("XLA_FLAGS")
     assert cli._set_xla_cpu_defaults()
     assert os.environ["XLA_FLAGS"].split() == list(cli.XLA_CPU_DEFAULTS)

@@ -21,6 +21,7 @@ pytest.importorskip("ipykernel")
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 CELL_TIMEOUT_S = 600  # one cell (JAX compilation included) on a loaded 2-core machine
+HANG_WATCHDOG = False  # the worker waits on the kernel process (conftest's hang watchdog)
 
 # Not stored in the notebooks: the same synchronous CPU dispatch as tests/conftest.py (a
 # worker of the 2-core CI machine was once seen blocked forever with asynchronous dispatch)

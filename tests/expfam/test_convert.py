@@ -100,13 +100,17 @@ def test_stats_kl_entropy_and_density_match_numpyro(fam, key):
         def run(key):
             ours, draw = sampler(key, std_q, NUM)
             t = fam.stat(ours)
-            log_q, log_p = logpdf(std_q, draw), logpdf(std_p, draw)
+            log_q = logpdf(std_q, draw)
             dot = sum(jnp.sum((e * x).reshape(NUM, -1), -1) for e, x in zip(q, t, strict=True))
             ours_log_q = dot - fam.log_normalizer(q)
-            return (t, log_q, log_p, ours_log_q, fam.expected_stats(q), fam.kl(q, p),
+            return (draw, t, log_q, ours_log_q, fam.expected_stats(q), fam.kl(q, p),
                     fam.entropy(q))
 
-        t, log_q, log_p, ours_log_q, Et, kl, ent = run(key)
+        draw, t, log_q, ours_log_q, Et, kl, ent = run(key)
+        # log p in a second program: with both NumPyro MNIW log-densities of 20,000 draws in
+        # one float64 program, XLA's CPU runtime (jaxlib 0.10.2) deadlocks in most runs on a
+        # quiet machine (docs/design.md, session 8)
+        log_p = jax.jit(lambda d: logpdf(std_p, d))(draw)
         np.testing.assert_allclose(ours_log_q, log_q, rtol=1e-8, atol=1e-7)
         z = mc_zscores(t, Et)
         assert np.all(np.abs(z) < 5), z
