@@ -901,12 +901,16 @@ def _set_xla_cpu_defaults() -> bool:
             return False
     except (ImportError, AttributeError):  # pragma: no cover - a JAX without it
         pass
-    flags = os.environ.get("XLA_FLAGS", "")
-    named = {f.split("=")[0] for f in flags.split()}
-    extra = [f for f in XLA_CPU_DEFAULTS if f.split("=")[0] not in named]
-    if extra:
-        os.environ["XLA_FLAGS"] = " ".join([*flags.split(), *extra])
+    os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""),
+                                              XLA_CPU_DEFAULTS)
     return True
+
+
+def merge_xla_flags(flags: str, extra) -> str:
+    """``flags`` (an ``XLA_FLAGS`` value) followed by each ``--name=value`` of ``extra``
+    whose name ``flags`` does not already set (the user's setting wins)."""
+    named = {f.split("=")[0] for f in flags.split()}
+    return " ".join([*flags.split(), *(f for f in extra if f.split("=")[0] not in named)])
 
 
 def main(argv: list[str] | None = None) -> int:

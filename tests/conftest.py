@@ -20,13 +20,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # at level 1 without the persistent cache has crashed.  No fast-math is involved (XLA's
 # default stays off), so results are IEEE-identical up to operation order.  Subprocesses
 # (notebook kernels) inherit the variable.  Benchmarks and library users keep XLA's
-# defaults; the `numpyro-svae` command sets the first flag (`cli.XLA_CPU_DEFAULTS`).
-_TEST_XLA_FLAGS = ("--xla_cpu_use_fusion_emitters=false",
+# defaults; the emitter flag is the `numpyro-svae` command's (`cli.XLA_CPU_DEFAULTS`).
+from numpyro_svae.cli import XLA_CPU_DEFAULTS, merge_xla_flags  # noqa: E402 (no backend yet)
+
+_TEST_XLA_FLAGS = (*XLA_CPU_DEFAULTS,
                    "--xla_backend_optimization_level=1",
                    "--xla_llvm_disable_expensive_passes=true")
-_flags = os.environ.get("XLA_FLAGS", "").split()
-_flags += [f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
-os.environ["XLA_FLAGS"] = " ".join(_flags)
+os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), _TEST_XLA_FLAGS)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
