@@ -633,6 +633,7 @@ def impute(
     *,
     num_samples: int = 100,
     rng_key: Array,
+    num_restarts: int = 1,
     **model_kwargs: Any,
 ) -> Imputation:
     """Sample the missing entries of ``x`` (and reconstruct the observed ones).
@@ -651,6 +652,12 @@ def impute(
         ``S``, joint draws ``(k, z, x)`` per sequence.
     rng_key : jax.random key
         Randomness (keyword-only).
+    num_restarts : int
+        ``R``: run the held-out mean field from ``R`` random starts of ``q(k)`` and pool
+        ``S / R`` draws from each (``S`` must be a multiple of ``R``).  The result is the
+        equal-weight mixture of the ``R`` structured mean-field posteriors.  Default 1 (one
+        start, as in training).  Only a model with switching regimes has random starts;
+        for an LDS or a mixture the runs differ only in their draws.
     **model_kwargs
         The model's other keyword arguments (``N``, ``T``, ``Dx``, ...).
 
@@ -672,13 +679,30 @@ def impute(
     With switching regimes, ``rng_key`` also draws the random start of ``q(k)``, and the
     mean field can stop at a different fixed point in a long gap for another key.  On
     mocap6 (97 hidden frames), the RMSE of ``mean`` had a standard deviation of 0.06 over
-    keys; more samples did not reduce it (``docs/benchmarks.md``).  Compare models over
-    several keys.
+    keys; more samples did not reduce it (``docs/benchmarks.md``).  Pooling several starts
+    (``num_restarts``) averages over those fixed points instead of betting on one: on the
+    same data, over 20 keys, 16 starts gave RMSE 0.917 (sd 0.016) and log density -1.21 per
+    hidden entry, against 0.965 (sd 0.077) and -2.28 for one start.  Keeping only the start
+    with the best mean-field objective did not help (0.976); averaging does.
     """
     _check_num("num_samples", num_samples)
+    _check_num("num_restarts", num_restarts)
+    if num_samples % num_restarts:
+        raise ValueError(f"`num_samples` ({num_samples}) must be a multiple of `num_restarts` "
+                         f"({num_restarts})")
     params = _clean_params(params)
     x, kwargs, entry = _prepare(guide, x, mask, model_kwargs)
-    return _call(_impute_core, guide, (num_samples,), kwargs, params, x, rng_key, entry)
+    if num_restarts == 1:
+        return _call(_impute_core, guide, (num_samples,), kwargs, params, x, rng_key, entry)
+    # one compiled mean field + sampler, called once per start (same shapes, no recompile)
+    parts = [_call(_impute_core, guide, (num_samples // num_restarts,), kwargs, params, x, k,
+                   entry) for k in jax.random.split(rng_key, num_restarts)]
+    draws = jnp.concatenate([p.samples for p in parts], 0)
+    mean = jnp.mean(jnp.stack([p.mean for p in parts]), 0)  # equal draws per start
+    lower, upper = _quantiles(draws)
+    return Imputation(draws, mean, lower, upper, jnp.where(entry, _as_sequences(x), mean),
+                      jnp.concatenate([p.regimes for p in parts], 0),
+                      jnp.concatenate([p.latents for p in parts], 0), entry)
 
 
 def forecast(

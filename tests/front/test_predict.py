@@ -305,6 +305,24 @@ def test_slds_impute_and_forecast_shapes(slds_problem):
     assert np.all(np.asarray(imp.lower) <= np.asarray(imp.upper))
     np.testing.assert_array_equal(np.asarray(imp.mask), mask)
 
+    # pooled restarts = the single-start imputations on the split keys, put together
+    pooled = impute(p["guide"], p["params"], p["x"], jnp.asarray(mask), num_samples=6,
+                    num_restarts=2, rng_key=jax.random.key(5))
+    parts = [impute(p["guide"], p["params"], p["x"], jnp.asarray(mask), num_samples=3,
+                    rng_key=k) for k in jax.random.split(jax.random.key(5), 2)]
+    for field in ("samples", "regimes", "latents"):
+        np.testing.assert_array_equal(
+            np.asarray(getattr(pooled, field)),
+            np.concatenate([np.asarray(getattr(q, field)) for q in parts]))
+    np.testing.assert_allclose(np.asarray(pooled.mean),
+                               (np.asarray(parts[0].mean) + np.asarray(parts[1].mean)) / 2,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(np.asarray(parts[0].mean), np.asarray(parts[1].mean))
+    hidden = ~mask
+    np.testing.assert_array_equal(np.asarray(pooled.filled)[hidden],
+                                  np.asarray(pooled.mean)[hidden])
+    np.testing.assert_array_equal(np.asarray(pooled.filled)[mask], np.asarray(p["x"])[mask])
+
     fc = forecast(p["guide"], p["params"], p["x"], horizon=T + 3, num_samples=5,
                   rng_key=jax.random.key(3))
     assert isinstance(fc, Forecast)
@@ -327,6 +345,10 @@ def test_predict_validation_errors(lg_problem):
         impute(g, prm, x.at[0, 0, 0].set(jnp.nan), rng_key=jax.random.key(0))
     with pytest.raises(ValueError, match="`num_samples`"):
         impute(g, prm, x, num_samples=0, rng_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="`num_restarts`"):
+        impute(g, prm, x, num_restarts=0, rng_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="multiple of `num_restarts`"):
+        impute(g, prm, x, num_samples=5, num_restarts=2, rng_key=jax.random.key(0))
     with pytest.raises(ValueError, match="`horizon`"):
         forecast(g, prm, x, horizon=0, rng_key=jax.random.key(0))
     with pytest.raises(ValueError, match="`proposal`"):
