@@ -656,8 +656,8 @@ def impute(
         ``R``: run the held-out mean field from ``R`` random starts of ``q(k)`` and pool
         ``S / R`` draws from each (``S`` must be a multiple of ``R``).  The result is the
         equal-weight mixture of the ``R`` structured mean-field posteriors.  Default 1 (one
-        start, as in training).  Only a model with switching regimes has random starts;
-        for an LDS or a mixture the runs differ only in their draws.
+        start, as in training).  Only models with more than one regime (SLDS, HMM,
+        mixture) have random starts; for an LDS the runs differ only in their draws.
     **model_kwargs
         The model's other keyword arguments (``N``, ``T``, ``Dx``, ...).
 
