@@ -89,12 +89,13 @@ def main() -> None:
     if "--one" in sys.argv[1:]:
         print(json.dumps(measure()))
         return
-    from numpyro_svae.cli import XLA_CPU_DEFAULTS
+    from numpyro_svae.cli import XLA_CPU_DEFAULTS, merge_xla_flags
 
     user = os.environ.get("XLA_FLAGS", "")
     rows = []
+    # the second row gets what the command would set (a flag the user names is kept as is)
     for setting, flags in (("xla_defaults", user),
-                           ("cli_defaults", " ".join([user, *XLA_CPU_DEFAULTS]).strip())):
+                           ("cli_defaults", merge_xla_flags(user, XLA_CPU_DEFAULTS))):
         env = dict(os.environ, XLA_FLAGS=flags)
         done = subprocess.run([sys.executable, __file__, "--one"], env=env, check=True,
                               capture_output=True, text=True)
