@@ -17,7 +17,12 @@ The q(theta) rules:
 * ``natural``: `natural_gradient` (SGD on the natural gradient that the library's
   `SVAEGuide` produces: straight-through expected statistics + natural-gradient custom VJP
   of the unconstrained map); a few rates, and (constant setting) 0.05 after holding
-  q(theta) at its initial value for 300 steps (``hold``).
+  q(theta) at its initial value for 300 steps (``hold``).  Runs named ``natural_exact``
+  (session 10, cosine setting) pass the guide, ``natural_gradient(..., guide=guide)``, so that
+  each step lands exactly on ``eta - lr * natgrad`` in natural parameters instead of
+  following the straight line in the unconstrained coordinates; in the JSON they are
+  ``"optimizer": "natural"`` with ``"natural_step": "exact"`` (``"linear"`` for the others),
+  and the ``natural`` row is the best natural-gradient run of either kind.
 * ``adam`` / ``sgd``: ``SVAEGuide(..., natural_gradients=False)``, which builds q(theta)
   with ``*_qtheta_terms(natgrad=False)`` and differentiates through the expected
   statistics and the KL (no natural-gradient VJP), so that the q(theta) gradient is the ordinary
@@ -99,10 +104,13 @@ SETTINGS = {
     "cosine": {
         "net_rule": _cosine_net_rule, "steps": 6000, "suffix": "",
         "runs": [("natural", 0.05, 0), ("natural", 0.1, 0), ("natural", 0.2, 0),
-                 ("adam", 5e-3, 0), ("adam", 2e-2, 0), ("adam", 5e-2, 0), ("adam", 0.1, 0),
+                 ("natural_exact", 0.05, 0), ("natural_exact", 0.1, 0),
+                 ("natural_exact", 0.2, 0), ("adam", 5e-3, 0), ("adam", 2e-2, 0),
+                 ("adam", 5e-2, 0), ("adam", 0.1, 0),
                  ("adam", 0.2, 0), ("sgd", 1e-4, 0), ("sgd", 1e-3, 0)],
-        "seed_runs": [("natural", 0.05, 0), ("natural", 0.1, 0), ("adam", 2e-2, 0),
-                      ("adam", 5e-2, 0), ("adam", 0.1, 0)],
+        "seed_runs": [("natural", 0.05, 0), ("natural", 0.1, 0), ("natural_exact", 0.05, 0),
+                      ("natural_exact", 0.1, 0), ("adam", 2e-2, 0), ("adam", 5e-2, 0),
+                      ("adam", 0.1, 0)],
     },
     "constant": {
         "net_rule": _constant_net_rule, "steps": 8000, "suffix": "_constant_net",
@@ -114,6 +122,19 @@ SETTINGS = {
         "seed_runs": [("natural", 0.05, 0), ("natural", 0.05, 300), ("adam", 2e-2, 0)],
     },
 }
+
+
+def _base(name: str) -> str:
+    """Optimizer name in the results (``natural_exact`` runs are ``natural`` runs)."""
+    return "natural" if name.startswith("natural") else name
+
+
+def _step_kind(name: str) -> str | None:
+    """How a natural-gradient run steps: ``exact`` (``natural_gradient(guide=...)``,
+    natural-parameter steps) or ``linear`` (SGD on the unconstrained coordinates)."""
+    if not name.startswith("natural"):
+        return None
+    return "exact" if name == "natural_exact" else "linear"
 
 
 def _steps(setting: str) -> int:
@@ -171,11 +192,12 @@ def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None,
     the number of regimes used, at the end."""
     k_enc, k_svi = jax.random.split(jax.random.key(SEED))
     encoder = GaussianPotentialEncoder(obs_dim=DX, latent_dim=D, hidden=HIDDEN, key=k_enc)
-    if name == "natural":
+    if name in ("natural", "natural_exact"):
         guide = SVAEGuide(model, encoder=encoder)
         rate = dict(natgrad_lr=lr) if not hold else dict(schedule=optax.join_schedules(
             [optax.constant_schedule(0.0), optax.constant_schedule(lr)], [hold]))
-        optim = natural_gradient(**rate, other=SETTINGS[setting]["net_rule"]())
+        optim = natural_gradient(**rate, other=SETTINGS[setting]["net_rule"](),
+                                 guide=guide if name == "natural_exact" else None)
     else:
         if hold:
             raise ValueError("hold applies to the natural-gradient runs only")
@@ -199,7 +221,8 @@ def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None,
     losses = np.asarray(jax.device_get(losses), dtype=np.float64)
     train_s = time.perf_counter() - t0
     bad = np.nonzero(~np.isfinite(losses))[0]
-    out = {"optimizer": name, "lr": lr, "hold": hold, "losses": losses, "setting": setting,
+    out = {"optimizer": _base(name), "lr": lr, "hold": hold, "losses": losses,
+           "setting": setting, "natural_step": _step_kind(name),
            "compile_s": compile_s, "train_s": train_s, "accuracy": None, "regimes_used": None,
            # a non-finite step poisons the state for good (plain ``svi.update``): recorded,
            # and the run scores no accuracy
@@ -209,7 +232,7 @@ def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None,
         out["accuracy"] = float(segmentation_accuracy(marg[:, 1:].argmax(-1),
                                                       np.asarray(labels)[:, 1:], K, K))
         out["regimes_used"] = int(regimes_used(marg))
-    print(f"{name} lr={lr:g} hold={hold}: compile {compile_s:.1f} s, {steps} steps "
+    print(f"{name} seed={SEED} lr={lr:g} hold={hold}: compile {compile_s:.1f} s, {steps} steps "
           f"{train_s:.1f} s, final smoothed loss {_smooth(losses, WINDOW)[-1]:.2f}, "
           f"accuracy {out['accuracy']}, regimes used {out['regimes_used']}, first non-finite "
           f"step {out['first_nonfinite_step']}", flush=True)
@@ -284,6 +307,7 @@ def other_seeds(seeds: list[int], processes: int = 1, setting: str = "cosine") -
         thresh = best + 0.01 * abs(best)
         for r, v in zip(runs, sm, strict=True):
             rows.append({"seed": seed, "optimizer": r["optimizer"], "lr": r["lr"],
+                         "natural_step": r["natural_step"],
                          "hold": r["hold"], "accuracy": r["accuracy"],
                          "first_nonfinite_step": r["first_nonfinite_step"],
                          "regimes_used": r["regimes_used"],
@@ -292,7 +316,8 @@ def other_seeds(seeds: list[int], processes: int = 1, setting: str = "cosine") -
                          "final_elbo": float(-v[-1]) if np.isfinite(v[-1]) else None,
                          "elbo_every_500": [float(-v[i]) if np.isfinite(v[i]) else None
                                             for i in range(0, len(v), 500)]})
-            print(rows[-1]["seed"], rows[-1]["optimizer"], rows[-1]["steps_to_1pct"],
+            print(rows[-1]["seed"], rows[-1]["optimizer"], rows[-1]["natural_step"],
+                  rows[-1]["lr"], rows[-1]["steps_to_1pct"],
                   round(rows[-1]["best_elbo"], 1), flush=True)
     path = ROOT / "bench" / "results" / f"natgrad_seeds{SETTINGS[setting]['suffix']}.json"
     path.write_text(json.dumps({"config": {"net_rule": setting, "steps": _steps(setting),
@@ -400,6 +425,7 @@ def summarize(runs: list[dict], setting: str = "cosine") -> None:
         own = np.where(np.isfinite(s), s, np.inf)
         sweep.append({
             "optimizer": r["optimizer"],
+            "natural_step": r["natural_step"],
             "lr": r["lr"],
             "hold": r["hold"],
             "accuracy": r["accuracy"],
@@ -417,7 +443,7 @@ def summarize(runs: list[dict], setting: str = "cosine") -> None:
     config_runs = SETTINGS[setting]["runs"]
     # best run per optimizer: reaches 1 %, then (a run that gets there and falls back, e.g.
     # by merging two regimes, is not converged) still within 1 % at the end, then fewest steps
-    for name in dict.fromkeys(n for n, _, _ in config_runs):
+    for name in dict.fromkeys(_base(n) for n, _, _ in config_runs):
         cand = [w for w in sweep if w["optimizer"] == name]
         rows.append(min(cand, key=lambda w: (w["steps_to_1pct"] is None,
                                              not w["ends_within_1pct"],
@@ -442,19 +468,21 @@ def summarize(runs: list[dict], setting: str = "cosine") -> None:
     path.write_text(json.dumps(out, indent=1))
     print(f"\nbest smoothed loss {best:.2f}, 1 % threshold {thresh:.2f} (window {WINDOW})")
     print(f"1 % of the best Adam loss {adam_best:.2f}: threshold {thresh_adam:.2f}")
-    print(f"{'optimizer':<10}{'lr':>8}{'hold':>6}{'steps_to_1pct':>15}{'to_adam_best':>14}"
+    print(f"{'optimizer':<15}{'lr':>8}{'hold':>6}{'steps_to_1pct':>15}{'to_adam_best':>14}"
           f"{'best_elbo':>12}{'final_elbo':>12}{'accuracy':>10}{'used':>6}{'compile_s':>11}"
           f"{'train_s':>9}")
     for r in sweep:
         steps = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
         to_adam = r["steps_to_1pct_of_best_adam"]
         to_adam = "never" if to_adam is None else str(to_adam)
-        print(f"{r['optimizer']:<10}{r['lr']:>8g}{r['hold']:>6}{steps:>15}{to_adam:>14}"
+        label = r["optimizer"] + (f" {r['natural_step']}" if r["natural_step"] else "")
+        print(f"{label:<15}{r['lr']:>8g}{r['hold']:>6}{steps:>15}{to_adam:>14}"
               f"{r['best_elbo']:>12.2f}{_num(r['final_elbo'], '.2f'):>12}"
               f"{_num(r['accuracy'], '.3f'):>10}{_num(r['regimes_used'], 'd'):>6}"
               f"{r['compile_s']:>11.1f}{r['train_s']:>9.1f}")
     print("best run per optimizer: " + ", ".join(
-        f"{r['optimizer']} lr={r['lr']:g} hold={r['hold']} -> {r['steps_to_1pct']} steps"
+        f"{r['optimizer']} ({r['natural_step'] or '-'}) lr={r['lr']:g} hold={r['hold']} -> "
+        f"{r['steps_to_1pct']} steps"
         for r in rows))
     print(f"wrote {path}")
 

@@ -42,6 +42,7 @@ from numpyro_svae.expfam.dirichlet import (
     DirichletStandard,
     DirichletStats,
     dirichlet_qtheta_terms,
+    dirichlet_retract,
     dirichlet_to_natural,
     dirichlet_to_standard,
     dirichlet_to_unconstrained,
@@ -50,6 +51,7 @@ from numpyro_svae.expfam.mniw import (
     MNIWStandard,
     MNIWStats,
     mniw_qtheta_terms,
+    mniw_retract,
     mniw_to_natural,
     mniw_to_standard,
     mniw_to_unconstrained,
@@ -58,6 +60,7 @@ from numpyro_svae.expfam.niw import (
     NIWStandard,
     NIWStats,
     niw_qtheta_terms,
+    niw_retract,
     niw_to_natural,
     niw_to_standard,
     niw_to_unconstrained,
@@ -553,6 +556,71 @@ class SVAEGuide:
             return MNIWStats(-0.5 * prec, XtL, -0.5 * XtL @ loc, half_logdet)
         tau_mu = jnp.einsum("...ij,...j->...i", prec, loc)
         return NIWStats(-0.5 * prec, tau_mu, -0.5 * jnp.sum(loc * tau_mu, -1), half_logdet)
+
+    def retract(self, params: dict, updates: dict, *, max_halvings: int = 8) -> dict:
+        """Turn SGD updates of the q(theta) parameters into exact natural-parameter steps.
+
+        Natural-gradient SGD moves the unconstrained coordinates ``u`` along a straight line,
+        which is the natural-parameter step ``eta + rho * natgrad`` only to first order.  For
+        every q(theta) factor this returns instead the update that lands on
+        ``eta(u) + J du`` exactly (``J = d eta / d u``), computed in standard parameters so
+        that float32 loses nothing to cancellation; where that point leaves the family's
+        domain (or the ridged parametrisation) the step is halved, per regime, up to
+        `max_halvings` times, and dropped if still outside.  A conjugate step with rate
+        ``rho <= 1`` (a convex combination of valid natural parameters) is always taken whole.
+        :func:`numpyro_svae.natural_gradient` calls this when given the guide.
+
+        Parameters
+        ----------
+        params : dict
+            ``{site name: value}``, at least the q(theta) sites (``f"{prefix}{block}.{field}"``);
+            other entries are ignored.
+        updates : dict
+            Proposed additive updates, same names (e.g. ``-lr * grad`` from ``optax.sgd``);
+            q(theta) sites absent from `updates` (or masked out, ``optax.MaskedNode``) are
+            left alone.
+        max_halvings : int
+            Halvings tried after the full step.
+
+        Returns
+        -------
+        dict
+            `updates` with the q(theta) entries replaced by ``u_new - u``.
+
+        Raises
+        ------
+        RuntimeError
+            The guide has not been called yet (its structure is unknown).
+        ValueError
+            The guide was built with ``natural_gradients=False``: its gradients are Euclidean,
+            and stepping along them in natural coordinates is not a natural-gradient method.
+        """
+        if not self.natural_gradients:
+            raise ValueError(
+                "SVAEGuide.retract needs natural gradients; this guide was built with "
+                "natural_gradients=False (Euclidean gradients). Use plain SGD for it, i.e. "
+                "natural_gradient(...) without `guide`.")
+        st = self.structure
+        steps = {"init_state": niw_retract, "regime_gaussians": niw_retract,
+                 "dynamics": mniw_retract, "pi0": dirichlet_retract, "P": dirichlet_retract}
+        out = dict(updates)
+        for name, blk in self._latent_blocks(st).items():
+            shapes = jax.eval_shape(lambda k: self._init_unconstrained(name, st, k),
+                                    jax.random.key(0))
+            keys = [f"{self.prefix}{name}.{f}" for f in shapes._fields]
+            if not all(k in updates and isinstance(updates[k], jax.Array | np.ndarray)
+                       for k in keys):
+                continue
+            missing = [k for k in keys if k not in params]
+            if missing:
+                raise ValueError(f"SVAEGuide.retract: `params` lacks the q(theta) sites {missing}")
+            u = type(shapes)(*(params[k] for k in keys))
+            du = type(shapes)(*(updates[k] for k in keys))
+            u_new, _ = steps[name](u, du, max_halvings=max_halvings,
+                                   **self._ridges(name, blk))
+            for k, new, old in zip(keys, u_new, u, strict=True):
+                out[k] = (new - old).astype(jnp.result_type(updates[k]))
+        return out
 
     def qtheta_standard(self, eta: dict) -> dict:
         """Standard-form parameters of q(theta) from its natural parameters."""

@@ -40,6 +40,23 @@ def _labels(params: Any, prefix: str) -> Any:
     return out
 
 
+def _exact_natural_step(guide) -> optax.GradientTransformation:
+    """Map SGD updates of q(theta) to exact natural-parameter steps (``guide.retract``)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "natural_gradient(guide=...) needs the parameters in `update(grads, state, "
+                "params)` (numpyro.infer.SVI passes them)")
+        return guide.retract(params, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def natural_gradient(
     *,
     natgrad_lr: float | None = None,
@@ -47,6 +64,7 @@ def natural_gradient(
     schedule: Callable[[Any], Any] | None = None,
     prefix: str = QTHETA_PREFIX,
     momentum: float | None = None,
+    guide: Any = None,
 ) -> optax.GradientTransformation:
     """Optimizer for SVAEs: natural-gradient SGD on q(theta), `other` on everything else.
 
@@ -66,6 +84,15 @@ def natural_gradient(
         `SVAEGuide` default).
     momentum : float, optional
         Heavy-ball momentum of the natural-gradient SGD (``None``: plain SGD).
+    guide : SVAEGuide, optional
+        With the guide, each step is taken exactly in natural parameters
+        (:meth:`SVAEGuide.retract`): ``eta <- eta - lr * natgrad`` lands where it should
+        instead of following the straight line in the unconstrained coordinates, which
+        matches it only to first order and can overshoot where the map bends (softplus and
+        Cholesky factors near small eigenvalues); steps that would leave the domain are
+        halved.  Without it (the default, as in the research code) the step is plain SGD on
+        the unconstrained coordinates.  The guide must be the one passed to ``SVI`` and use
+        natural gradients.
 
     Returns
     -------
@@ -78,7 +105,7 @@ def natural_gradient(
         Neither or both of `natgrad_lr` / `schedule`; a non-positive rate; at ``init``, when no
         parameter name starts with `prefix` (the message lists both).
     TypeError
-        `other` is not an ``optax.GradientTransformation``.
+        `other` is not an ``optax.GradientTransformation``; `guide` has no ``retract``.
 
     Examples
     --------
@@ -104,6 +131,17 @@ def natural_gradient(
             f"{type(other).__name__}")
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"`prefix` must be a non-empty str; got {prefix!r}")
+    if guide is not None:
+        if not callable(getattr(guide, "retract", None)):
+            raise TypeError(
+                "`guide` must be an SVAEGuide (an object with a `retract(params, updates)` "
+                f"method); got {type(guide).__name__}")
+        if not getattr(guide, "natural_gradients", True):
+            raise ValueError(
+                "natural_gradient(guide=...) takes exact natural-parameter steps, which need "
+                "the guide's natural gradients; this guide has natural_gradients=False")
     lr = natgrad_lr if schedule is None else schedule
     nat = optax.sgd(lr, momentum=momentum)
+    if guide is not None:
+        nat = optax.chain(nat, _exact_natural_step(guide))
     return optax.partition({_NATGRAD: nat, _OTHER: other}, lambda p: _labels(p, prefix))

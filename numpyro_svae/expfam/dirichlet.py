@@ -20,6 +20,7 @@ from numpyro_svae.expfam.natgrad import (
     _check_positive,
     natgrad_map,
     natgrad_terms,
+    natural_retract,
     softplus_inverse,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "dirichlet_from_unconstrained",
     "dirichlet_to_unconstrained",
     "dirichlet_qtheta_terms",
+    "dirichlet_retract",
 ]
 
 
@@ -197,4 +199,26 @@ def dirichlet_qtheta_terms(
         natural_tangent=lambda s, g: DirichletStandard(g[0]),
         kl_direction=lambda q, p: DirichletStandard(q.alpha - p.alpha),
         natgrad=natgrad,
+    )
+
+
+def dirichlet_retract(
+    u: DirichletUnconstrained,
+    du: DirichletUnconstrained,
+    *,
+    min_concentration: float = 0.01,
+    max_halvings: int = 8,
+) -> tuple[DirichletUnconstrained, Array]:
+    """Exact natural-coordinate version of the SGD step ``u + du`` (``eta = alpha - 1`` is
+    linear, so the step is ``alpha + dalpha``, halved while ``alpha <= min_concentration``;
+    see :func:`numpyro_svae.expfam.natgrad.natural_retract`).  Each row ``[..., K]`` is one
+    factor.  Returns ``(u_new, t [...])``."""
+    return natural_retract(
+        u, du,
+        to_standard=lambda v: DirichletStandard(jax.nn.softplus(v.u) + min_concentration),
+        to_unconstrained=lambda s: DirichletUnconstrained(
+            softplus_inverse(s.alpha - min_concentration)),
+        natural_step=lambda s, d: DirichletStandard(s.alpha + d.alpha),
+        batch_ndim=jnp.ndim(u.u) - 1,
+        max_halvings=max_halvings,
     )

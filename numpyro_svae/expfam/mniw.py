@@ -39,6 +39,7 @@ from numpyro_svae.expfam.natgrad import (
     _check_square,
     natgrad_map,
     natgrad_terms,
+    natural_retract,
     pd_from_unconstrained,
     pd_to_unconstrained,
     softplus_inverse,
@@ -68,6 +69,8 @@ __all__ = [
     "mniw_expected_stats_standard",
     "mniw_kl_standard",
     "mniw_qtheta_terms",
+    "mniw_natural_step",
+    "mniw_retract",
 ]
 
 
@@ -467,4 +470,57 @@ def mniw_qtheta_terms(
         natural_tangent=_mniw_natural_tangent,
         kl_direction=_mniw_kl_direction,
         natgrad=natgrad,
+    )
+
+
+def mniw_natural_step(std: MNIWStandard, dstd: MNIWStandard) -> MNIWStandard:
+    """Standard parameters of ``eta(std) + d eta(std)[dstd]`` (an exact natural-coordinate
+    step along a tangent given in standard coordinates), free of cancellation.
+
+    With ``V' = V + dV`` the step is ``M' = M + dM V V'^-1`` and
+    ``S' = S + dS - dM V V'^-1 V dM'``, ``nu' = nu + dnu``: the ``M V M'`` parts of
+    ``eta1 = S + M V M'`` cancel in closed form, so nothing of size ``|M|^2 |V|`` is ever
+    subtracted (float32 loses ``S`` when it is).  Outside the domain (``V'`` not PD) the
+    result is non-finite.
+
+    Parameters
+    ----------
+    std, dstd : MNIWStandard
+        Point and tangent (``S, dS [..., D, D]``, ``M, dM [..., D, Din]``,
+        ``V, dV [..., Din, Din]``, ``nu, dnu [...]``).
+
+    Returns
+    -------
+    MNIWStandard
+    """
+    S, M, V, nu = std
+    dS, dM, dV, dnu = dstd
+    V_new = symmetrize(V + dV)
+    L = psd_cholesky(V_new)
+    Y = dM @ V  # [..., D, Din]
+    M_new = M + _mT(cho_solve((L, True), _mT(Y)))
+    W = solve_triangular(L, _mT(Y), lower=True)  # L^-1 Y'  [..., Din, D]
+    S_new = symmetrize(S + dS - _mT(W) @ W)
+    return MNIWStandard(S_new, M_new, V_new, nu + dnu)
+
+
+def mniw_retract(
+    u: MNIWUnconstrained,
+    du: MNIWUnconstrained,
+    *,
+    jitter_S: float = 1e-3,
+    jitter_V: float = 1e-3,
+    dof_eps: float = 1e-6,
+    max_halvings: int = 8,
+) -> tuple[MNIWUnconstrained, Array]:
+    """Exact natural-coordinate version of the SGD step ``u + du`` (see
+    :func:`numpyro_svae.expfam.natgrad.natural_retract`); the ridges must be those of the
+    map the parameters were made with.  Returns ``(u_new, t [...])``."""
+    return natural_retract(
+        u, du,
+        to_standard=lambda v: _mniw_u_to_std(v, jitter_S, jitter_V, dof_eps),
+        to_unconstrained=lambda s: _mniw_std_to_u(s, jitter_S, jitter_V, dof_eps),
+        natural_step=mniw_natural_step,
+        batch_ndim=jnp.ndim(u.nu_raw),
+        max_halvings=max_halvings,
     )

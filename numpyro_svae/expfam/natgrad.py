@@ -37,6 +37,7 @@ __all__ = [
     "prior_kl_natgrad_form",
     "natgrad_map",
     "natgrad_terms",
+    "natural_retract",
     "tree_vdot",
     "softplus_inverse",
     "pd_from_unconstrained",
@@ -261,6 +262,83 @@ def natgrad_terms(
     terms.defvjp(fwd, bwd)
     stats, kl_value = terms(u, prior)
     return std, stats, kl_value
+
+
+# ----------------------------------------------------------------------------------------
+# exact natural-parameter steps (a retraction for natural-gradient SGD)
+# ----------------------------------------------------------------------------------------
+
+
+def natural_retract(
+    u: PyTree,
+    du: PyTree,
+    *,
+    to_standard: Callable[[PyTree], PyTree],
+    to_unconstrained: Callable[[PyTree], PyTree],
+    natural_step: Callable[[PyTree, PyTree], PyTree],
+    batch_ndim: int,
+    max_halvings: int = 8,
+) -> tuple[PyTree, Array]:
+    """Take the step ``du`` in natural coordinates exactly and map it back to ``u``.
+
+    SGD on ``u`` with natural gradients moves ``u`` along the straight line ``u + du``, which
+    is the natural-parameter step ``eta + J du`` only to first order (``J = d eta / d u``);
+    where the map bends (softplus and Cholesky near a small eigenvalue) the straight line in
+    ``u`` can overshoot.  This function instead lands on ``eta(u) + t J du`` exactly, with
+    ``t = 1`` or, when that point is outside the family's domain (or outside the ridged
+    parametrisation), the largest ``t = 2^-j`` (``j <= max_halvings``) inside it, chosen per
+    batch element (e.g. per regime); ``t = 0`` (no move) when none is.  For a conjugate
+    update ``eta <- (1 - rho) eta + rho eta_target`` with ``rho <= 1`` the full step is always
+    valid: a convex combination of two points of a convex domain.
+
+    Everything is computed in standard coordinates: ``natural_step`` returns the standard
+    parameters of ``eta(std) + d eta(std)[dstd]`` without forming ``eta`` (see
+    :func:`numpyro_svae.expfam.mniw.mniw_natural_step`; forming ``S + M V M'`` in float32 loses
+    ``S``).
+
+    Parameters
+    ----------
+    u, du : pytree
+        Unconstrained coordinates and the proposed step (``*Unconstrained``), leaves
+        ``[*batch, ...]``.
+    to_standard, to_unconstrained : callable
+        ``u -> std`` and its inverse; the inverse returns non-finite values outside the
+        domain (Cholesky of an indefinite matrix, ``softplus_inverse`` of a value ``<= 0``).
+    natural_step : callable
+        ``(std, dstd) -> std_new``: the exact natural-coordinate step in standard form.
+    batch_ndim : int
+        Number of leading batch axes (``0`` for a single factor, ``1`` for ``[K, ...]``).
+    max_halvings : int
+        Number of halvings tried after the full step.
+
+    Returns
+    -------
+    tuple
+        ``(u_new, t)``: the new coordinates (strict upper triangles of raw matrices zero, as
+        ``to_unconstrained`` returns them) and ``t [*batch]``, the fraction of the step taken.
+    """
+    std, dstd = jax.jvp(to_standard, (u,), (du,))
+    dtype = jax.tree.leaves(u)[0].dtype
+    ts = 2.0 ** -jnp.arange(max_halvings + 1, dtype=dtype)  # [H]
+
+    def candidate(t):
+        new = to_unconstrained(natural_step(std, jax.tree.map(lambda d: t * d, dstd)))
+        ok = [jnp.all(jnp.isfinite(x), axis=tuple(range(batch_ndim, x.ndim)))
+              for x in jax.tree.leaves(new)]
+        return new, jnp.all(jnp.stack(ok), axis=0)
+
+    cands, valid = jax.vmap(candidate)(ts)  # leaves [H, *batch, ...]; valid [H, *batch]
+    first = jnp.argmax(valid, axis=0)  # [*batch]: the largest valid step
+    any_valid = jnp.any(valid, axis=0)
+
+    def pick(c, old):
+        idx = first.reshape((1, *first.shape) + (1,) * (c.ndim - 1 - batch_ndim))
+        chosen = jnp.take_along_axis(c, idx, axis=0)[0]
+        keep = any_valid.reshape(any_valid.shape + (1,) * (old.ndim - batch_ndim))
+        return jnp.where(keep, chosen, old)
+
+    u_new = jax.tree.map(pick, cands, u)
+    return u_new, jnp.where(any_valid, ts[first], 0.0)
 
 
 # ----------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from numpyro_svae.expfam.natgrad import (
     _check_square,
     natgrad_map,
     natgrad_terms,
+    natural_retract,
     pd_from_unconstrained,
     pd_to_unconstrained,
     softplus_inverse,
@@ -67,6 +68,8 @@ __all__ = [
     "niw_expected_stats_standard",
     "niw_kl_standard",
     "niw_qtheta_terms",
+    "niw_natural_step",
+    "niw_retract",
 ]
 
 
@@ -437,4 +440,51 @@ def niw_qtheta_terms(
         natural_tangent=_niw_natural_tangent,
         kl_direction=_niw_kl_direction,
         natgrad=natgrad,
+    )
+
+
+def niw_natural_step(std: NIWStandard, dstd: NIWStandard) -> NIWStandard:
+    """Standard parameters of ``eta(std) + d eta(std)[dstd]``, free of cancellation.
+
+    With ``lam' = lam + dlam``: ``m' = m + (lam / lam') dm``,
+    ``S' = S + dS - (lam^2 / lam') dm dm'``, ``nu' = nu + dnu`` (the ``lam m m'`` parts of
+    ``eta1 = S + lam m m'`` cancel in closed form).  Non-finite or invalid outside the domain
+    (``lam' <= 0`` is caught by the inverse map).
+
+    Parameters
+    ----------
+    std, dstd : NIWStandard
+        Point and tangent (``S [..., D, D]``, ``m [..., D]``, ``lam [...]``, ``nu [...]``).
+
+    Returns
+    -------
+    NIWStandard
+    """
+    S, m, lam, nu = std
+    dS, dm, dlam, dnu = dstd
+    lam_new = lam + dlam
+    r = lam / lam_new
+    m_new = m + r[..., None] * dm
+    outer = dm[..., :, None] * dm[..., None, :]
+    S_new = symmetrize(S + dS - (lam * r)[..., None, None] * outer)
+    return NIWStandard(S_new, m_new, lam_new, nu + dnu)
+
+
+def niw_retract(
+    u: NIWUnconstrained,
+    du: NIWUnconstrained,
+    *,
+    jitter: float = 1e-6,
+    dof_eps: float = 1e-6,
+    max_halvings: int = 8,
+) -> tuple[NIWUnconstrained, Array]:
+    """Exact natural-coordinate version of the SGD step ``u + du`` (see
+    :func:`numpyro_svae.expfam.natgrad.natural_retract`).  Returns ``(u_new, t [...])``."""
+    return natural_retract(
+        u, du,
+        to_standard=lambda v: _niw_u_to_std(v, jitter, dof_eps),
+        to_unconstrained=lambda s: _niw_std_to_u(s, jitter, dof_eps),
+        natural_step=niw_natural_step,
+        batch_ndim=jnp.ndim(u.nu_raw),
+        max_halvings=max_halvings,
     )

@@ -222,3 +222,54 @@ def test_mniw_ridges_keep_the_prior_representable_matches_closed_form():
         bad = mniw_to_unconstrained(eta0)  # the fixed 1e-3 ridge: the prior is out of reach
         assert not all(np.all(np.isfinite(np.asarray(a))) for a in bad)
         assert SVAEGuide._ridges("init_state", st.init_state) == {}
+
+
+def test_retract_takes_exact_natural_steps_on_every_block():
+    """`SVAEGuide.retract` on an SLDS guide (Dirichlet, NIW and MNIW blocks): the new
+    parameters' natural parameters are ``eta(u) + J du`` (float64, formed directly with
+    ``*_from_unconstrained`` and a JVP); non-q(theta) entries pass through untouched."""
+    import optax
+
+    from numpyro_svae.expfam import (
+        DirichletUnconstrained,
+        MNIWUnconstrained,
+        NIWUnconstrained,
+        dirichlet_from_unconstrained,
+        mniw_from_unconstrained,
+        niw_from_unconstrained,
+    )
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(1), (2, 4, 3))
+        enc = GaussianPotentialEncoder(obs_dim=3, latent_dim=2, hidden=(4,), key=jax.random.key(2))
+        guide = SVAEGuide(slds_model, encoder=enc, natural_gradients=True)
+        kw = dict(N=2, T=4, K=2, D=2, Dx=3, hidden=(4,))
+        tr = handlers.trace(handlers.seed(guide, 0)).get_trace(x, **kw)
+        params = {k: s["value"] for k, s in tr.items() if s["type"] == "param"}
+        rng = np.random.default_rng(0)
+        updates = {k: (jnp.asarray(0.05 * rng.normal(size=np.shape(v)))
+                       if k.startswith(guide.prefix) else optax.MaskedNode())
+                   for k, v in params.items()}
+        out = guide.retract(params, updates)
+        assert all(isinstance(out[k], optax.MaskedNode) for k in params
+                   if not k.startswith(guide.prefix))
+        blocks = {"init_state": (NIWUnconstrained, niw_from_unconstrained, {}),
+                  "dynamics": (MNIWUnconstrained, mniw_from_unconstrained,
+                               guide._ridges("dynamics", guide.structure.dynamics)),
+                  "pi0": (DirichletUnconstrained, dirichlet_from_unconstrained, {}),
+                  "P": (DirichletUnconstrained, dirichlet_from_unconstrained, {})}
+        for name, (cls, from_u, opts) in blocks.items():
+            get = lambda d, cls=cls, name=name: cls(
+                *(d[f"{guide.prefix}{name}.{f}"] for f in cls._fields))
+            u, du = get(params), get(updates)
+            eta, deta = jax.jvp(lambda v, f=from_u, o=opts: f(v, natgrad=False, **o), (u,),
+                                (du,))
+            new = from_u(jax.tree.map(jnp.add, u, get(out)), natgrad=False, **opts)
+            for a, b, c in zip(new, eta, deta, strict=True):
+                np.testing.assert_allclose(a, b + c, rtol=1e-9, atol=1e-9, err_msg=name)
+        # Euclidean-gradient guides refuse
+        plain = SVAEGuide(slds_model, encoder=enc, natural_gradients=False)
+        with pytest.raises(ValueError, match="natural_gradients=False"):
+            plain.retract(params, updates)
+        with pytest.raises(RuntimeError, match="first call"):
+            SVAEGuide(slds_model, encoder=enc).retract(params, updates)

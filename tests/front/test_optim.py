@@ -66,3 +66,46 @@ def test_natural_gradient_accepted_by_svi(key):
               loss=Trace_ELBO())
     res = svi.run(key, 3, progress_bar=False)
     assert set(res.params) == {f"{QTHETA_PREFIX}m", "net"}
+
+
+class _DoublingGuide:
+    """Stands in for SVAEGuide: `retract` doubles the q(theta) updates and records what it got."""
+
+    natural_gradients = True
+
+    def __init__(self):
+        self.seen = []
+
+    def retract(self, params, updates):
+        # masked-out entries (optax.MaskedNode) have no array leaves
+        self.seen.append((set(params), {k for k, v in updates.items() if jax.tree.leaves(v)}))
+        return {k: (2.0 * v if str(k).startswith(QTHETA_PREFIX) else v)
+                for k, v in updates.items()}
+
+
+def test_natural_gradient_with_guide_passes_qtheta_sgd_steps_through_retract():
+    g = _DoublingGuide()
+    opt = natural_gradient(natgrad_lr=0.5, other=optax.sgd(0.1), guide=g)
+    p = _params()
+    upd, _ = opt.update(jax.tree.map(jnp.ones_like, p), opt.init(p), p)
+    np.testing.assert_allclose(upd[f"{QTHETA_PREFIX}niw.m"], -1.0)  # 2 x (-0.5)
+    np.testing.assert_allclose(upd["encoder$params"]["w"], -0.1)  # untouched
+    # retract sees the parameters and only the q(theta) updates (the others are masked)
+    assert g.seen == [({f"{QTHETA_PREFIX}niw.m", "encoder$params"},
+                       {f"{QTHETA_PREFIX}niw.m"})]
+
+
+def test_natural_gradient_with_guide_errors():
+    class NotAGuide:
+        pass
+
+    with pytest.raises(TypeError, match="retract"):
+        natural_gradient(natgrad_lr=1.0, guide=NotAGuide())
+    g = _DoublingGuide()
+    g.natural_gradients = False
+    with pytest.raises(ValueError, match="natural_gradients=False"):
+        natural_gradient(natgrad_lr=1.0, guide=g)
+    opt = natural_gradient(natgrad_lr=1.0, guide=_DoublingGuide())
+    p = _params()
+    with pytest.raises(ValueError, match="params"):
+        opt.update(jax.tree.map(jnp.ones_like, p), opt.init(p))
