@@ -17,7 +17,7 @@ from numpyro_svae.expfam.dirichlet import dirichlet_qtheta_terms
 from numpyro_svae.expfam.mniw import mniw_qtheta_terms
 from numpyro_svae.expfam.niw import niw_qtheta_terms
 from tests._tol import tol
-from tests.expfam._cases import assert_tree_close
+from tests.expfam._cases import assert_tree_close, mocap6_mniw_state
 
 
 def _spd(rng, n, batch, scale=1.0):
@@ -98,12 +98,8 @@ def test_qtheta_terms_match_natural_parameter_path(name, natgrad):
 def test_mniw_qtheta_terms_float32_where_natural_path_is_nan():
     """The mocap6 NaN state: float32 statistics and KL match float64 to ~1e-4."""
     rng = np.random.default_rng(0)
-    D, Din = 4, 5
-    M = 300.0 * rng.normal(size=(D, Din))
-    M[0, 0] = 724.0
-    A = rng.normal(size=(Din, Din))
-    B = rng.normal(size=(D, D))
-    q = [0.01 * np.eye(D) + 0.05 * B @ B.T, M, A @ A.T + 100.0 * np.eye(Din), np.array(12.0)]
+    q = mocap6_mniw_state(rng)
+    D, Din = q[1].shape
     p = [np.eye(D), np.zeros((D, Din)), 1e-3 * np.eye(Din), np.array(D + 2.0)]
     opts = dict(jitter_S=1e-5, jitter_V=1e-6)
 
