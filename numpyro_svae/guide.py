@@ -561,7 +561,8 @@ class SVAEGuide:
         """Turn SGD updates of the q(theta) parameters into exact natural-parameter steps.
 
         Natural-gradient SGD moves the unconstrained coordinates ``u`` along a straight line,
-        which is the natural-parameter step ``eta + rho * natgrad`` only to first order.  For
+        which is the natural-parameter step ``eta - rho * natgrad`` (the natural gradient of
+        the loss) only to first order.  For
         every q(theta) factor this returns instead the update that lands on
         ``eta(u) + J du`` exactly (``J = d eta / d u``), computed in standard parameters so
         that float32 loses nothing to cancellation; where that point leaves the family's

@@ -102,8 +102,9 @@ def natural_gradient(
     Raises
     ------
     ValueError
-        Neither or both of `natgrad_lr` / `schedule`; a non-positive rate; at ``init``, when no
-        parameter name starts with `prefix` (the message lists both).
+        Neither or both of `natgrad_lr` / `schedule`; a non-positive rate; a `guide` whose
+        prefix differs from `prefix` or that has ``natural_gradients=False``; at ``init``,
+        when no parameter name starts with `prefix` (the message lists both).
     TypeError
         `other` is not an ``optax.GradientTransformation``; `guide` has no ``retract``.
 
@@ -136,6 +137,11 @@ def natural_gradient(
             raise TypeError(
                 "`guide` must be an SVAEGuide (an object with a `retract(params, updates)` "
                 f"method); got {type(guide).__name__}")
+        guide_prefix = getattr(guide, "prefix", prefix)
+        if guide_prefix != prefix:
+            raise ValueError(
+                f"natural_gradient(prefix={prefix!r}) does not match the guide's prefix "
+                f"{guide_prefix!r}; the guide's q(theta) sites would get the `other` rule")
         if not getattr(guide, "natural_gradients", True):
             raise ValueError(
                 "natural_gradient(guide=...) takes exact natural-parameter steps, which need "

@@ -105,6 +105,10 @@ def test_natural_gradient_with_guide_errors():
     g.natural_gradients = False
     with pytest.raises(ValueError, match="natural_gradients=False"):
         natural_gradient(natgrad_lr=1.0, guide=g)
+    g = _DoublingGuide()
+    g.prefix = "other$"
+    with pytest.raises(ValueError, match=r"prefix='qtheta\$'.*'other\$'"):
+        natural_gradient(natgrad_lr=1.0, guide=g)
     opt = natural_gradient(natgrad_lr=1.0, guide=_DoublingGuide())
     p = _params()
     with pytest.raises(ValueError, match="params"):
