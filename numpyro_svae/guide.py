@@ -475,16 +475,22 @@ class SVAEGuide:
             alpha = alpha.astype(f)
         return dirichlet_to_unconstrained(dirichlet_to_natural(DirichletStandard(alpha)))
 
-    def _register_block(self, name, st):
-        """One ``numpyro.param`` per field: ``f"{prefix}{block}.{field}"`` (plain arrays, which
-        NumPyro's scan replay and constraint machinery need)."""
+    def _block_sites(self, name, st) -> tuple[type, dict]:
+        """The block's ``*Unconstrained`` type and ``{field: site name}``, the site names being
+        ``f"{prefix}{block}.{field}"`` (traced shapes only, nothing is computed)."""
         shapes = jax.eval_shape(lambda k: self._init_unconstrained(name, st, k),
                                 jax.random.key(0))
+        return type(shapes), {f: f"{self.prefix}{name}.{f}" for f in shapes._fields}
+
+    def _register_block(self, name, st):
+        """One ``numpyro.param`` per field (plain arrays, which NumPyro's scan replay and
+        constraint machinery need)."""
+        cls, sites = self._block_sites(name, st)
         fields = {}
-        for f in shapes._fields:
+        for f, site in sites.items():
             init = lambda k, f=f: getattr(self._init_unconstrained(name, st, k), f)
-            fields[f] = numpyro.param(f"{self.prefix}{name}.{f}", init)
-        return type(shapes)(**fields)
+            fields[f] = numpyro.param(site, init)
+        return cls(**fields)
 
     def _qtheta(self, st):
         """Register q(theta); return (standard parameters dict, global KL, expected global
@@ -606,17 +612,16 @@ class SVAEGuide:
                  "dynamics": mniw_retract, "pi0": dirichlet_retract, "P": dirichlet_retract}
         out = dict(updates)
         for name, blk in self._latent_blocks(st).items():
-            shapes = jax.eval_shape(lambda k: self._init_unconstrained(name, st, k),
-                                    jax.random.key(0))
-            keys = [f"{self.prefix}{name}.{f}" for f in shapes._fields]
+            cls, sites = self._block_sites(name, st)
+            keys = list(sites.values())
             if not all(k in updates and isinstance(updates[k], jax.Array | np.ndarray)
                        for k in keys):
                 continue
             missing = [k for k in keys if k not in params]
             if missing:
                 raise ValueError(f"SVAEGuide.retract: `params` lacks the q(theta) sites {missing}")
-            u = type(shapes)(*(params[k] for k in keys))
-            du = type(shapes)(*(updates[k] for k in keys))
+            u = cls(*(params[k] for k in keys))
+            du = cls(*(updates[k] for k in keys))
             u_new, _ = steps[name](u, du, max_halvings=max_halvings,
                                    **self._ridges(name, blk))
             for k, new, old in zip(keys, u_new, u, strict=True):
