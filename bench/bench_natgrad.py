@@ -37,7 +37,11 @@ best relabelling) and the number of regimes it uses.  ``--jobs 2`` runs two conf
 a time in worker processes (same results; each run is seeded on its own).
 
 ``python bench/bench_natgrad.py --seeds 1 2`` runs the setting's ``seed_runs`` on other seeds
-and writes ``bench/results/natgrad_seeds.json``.
+and writes ``bench/results/natgrad_seeds.json``.  ``--runs NAME:LR[:HOLD],... --tag TAG``
+runs that list instead of the setting's (``NAME`` one of ``natural``, ``natural_exact``,
+``adam``, ``sgd``) and writes ``natgrad[_seeds]_TAG.json``, so that a subset never
+overwrites the full list's results; e.g. ``--runs natural_exact:0.1,natural_exact:0.2,adam:0.05
+--tag exact --seeds 1 2``.
 
 ``python bench/bench_natgrad.py --frozen-networks`` isolates the q(theta) optimizer: the
 networks of a ``FROZEN_PRETRAIN``-step Adam-2e-2 run of seed 0 are held fixed, q(theta) is
@@ -55,7 +59,7 @@ run's own smallest smoothed loss. Writes ``bench/results/natgrad.json``
 (``natgrad_constant_net.json`` with ``--net-rule constant``) and prints a table.
 
 Usage: ``python bench/bench_natgrad.py [--jobs P] [--net-rule cosine|constant]
-[--seeds S [S ...] | --frozen-networks]``.
+[--runs NAME:LR[:HOLD],... --tag TAG] [--seeds S [S ...] | --frozen-networks]``.
 """
 
 from __future__ import annotations
@@ -261,43 +265,72 @@ def _run_all(jobs: list[tuple], processes: int) -> list[dict]:
 
 
 USAGE = ("usage: bench_natgrad.py [--jobs P] [--net-rule cosine|constant] "
-         "[--seeds S [S ...] | --frozen-networks]")
+         "[--runs NAME:LR[:HOLD],... --tag TAG] [--seeds S [S ...] | --frozen-networks]")
+RUN_NAMES = ("natural", "natural_exact", "adam", "sgd")
+
+
+def parse_runs(text: str) -> list[tuple[str, float, int]]:
+    """``"natural_exact:0.1,adam:0.05"`` -> ``[("natural_exact", 0.1, 0), ("adam", 0.05, 0)]``
+    (an optional third field is the hold)."""
+    runs = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) not in (2, 3) or parts[0] not in RUN_NAMES:
+            raise SystemExit(f"--runs: {item!r} is not NAME:LR[:HOLD] with NAME in {RUN_NAMES}")
+        try:
+            lr, hold = float(parts[1]), int(parts[2]) if len(parts) == 3 else 0
+        except ValueError:
+            raise SystemExit(f"--runs: {item!r}: LR must be a number, HOLD an integer") from None
+        if not lr > 0 or hold < 0:
+            raise SystemExit(f"--runs: {item!r}: LR must be > 0 and HOLD >= 0")
+        runs.append((parts[0], lr, hold))
+    return runs
 
 
 def main() -> None:
     import sys
 
     args = sys.argv[1:]
-    processes, setting = 1, "cosine"
-    while len(args) >= 2 and args[0] in ("--jobs", "--net-rule"):
+    processes, setting, runs, tag = 1, "cosine", None, ""
+    while len(args) >= 2 and args[0] in ("--jobs", "--net-rule", "--runs", "--tag"):
         if args[0] == "--jobs":
             processes = int(args[1])
+        elif args[0] == "--runs":
+            runs = parse_runs(args[1])
+        elif args[0] == "--tag":
+            if not args[1].replace("_", "").isalnum():
+                raise SystemExit(f"--tag must be letters, digits and _, got {args[1]!r}")
+            tag = "_" + args[1]
         else:
             setting = args[1]
             if setting not in SETTINGS:
                 raise SystemExit(f"--net-rule must be one of {sorted(SETTINGS)}, got {setting!r}")
         args = args[2:]
+    if (runs is None) != (not tag):
+        # a subset of runs must not overwrite the stored results of the full list
+        raise SystemExit("--runs and --tag go together (results: natgrad[_seeds]_TAG.json)")
     if len(args) >= 2 and args[0] == "--seeds":
-        other_seeds([int(v) for v in args[1:]], processes, setting)
+        other_seeds([int(v) for v in args[1:]], processes, setting, runs=runs, tag=tag)
         return
     if args == ["--frozen-networks"]:
         frozen_networks()
         return
     if args:
         raise SystemExit(USAGE)
-    runs = SETTINGS[setting]["runs"]
+    runs = runs or SETTINGS[setting]["runs"]
     summarize(_run_all([(name, lr, hold, SEED, setting) for name, lr, hold in runs],
-                       processes), setting)
+                       processes), setting, config_runs=runs, tag=tag)
 
 
-def other_seeds(seeds: list[int], processes: int = 1, setting: str = "cosine") -> None:
-    """``python bench/bench_natgrad.py --seeds 1 2``: the setting's ``seed_runs`` on other data /
-    initialisation seeds (each seed its own data set, networks and SVI keys); steps to 1 % of
-    the best run's best smoothed loss of that seed.  Writes
-    ``bench/results/natgrad_seeds.json`` (``natgrad_seeds_constant_net.json`` for the
-    constant network rate)."""
+def other_seeds(seeds: list[int], processes: int = 1, setting: str = "cosine",
+                runs: list[tuple] | None = None, tag: str = "") -> None:
+    """``python bench/bench_natgrad.py --seeds 1 2``: the setting's ``seed_runs`` (or `runs`)
+    on other data / initialisation seeds (each seed its own data set, networks and SVI keys);
+    steps to 1 % of the best run's best smoothed loss of that seed.  Writes
+    ``bench/results/natgrad_seeds{tag}.json`` (``natgrad_seeds_constant_net{tag}.json`` for
+    the constant network rate), with every run's loss trace."""
     rows = []
-    seed_runs = SETTINGS[setting]["seed_runs"]
+    seed_runs = runs or SETTINGS[setting]["seed_runs"]
     all_runs = _run_all([(n, lr, h, s, setting) for s in seeds for n, lr, h in seed_runs],
                         processes)
     for i, seed in enumerate(seeds):
@@ -315,11 +348,12 @@ def other_seeds(seeds: list[int], processes: int = 1, setting: str = "cosine") -
                          "best_elbo": float(-np.min(np.where(np.isfinite(v), v, np.inf))),
                          "final_elbo": float(-v[-1]) if np.isfinite(v[-1]) else None,
                          "elbo_every_500": [float(-v[i]) if np.isfinite(v[i]) else None
-                                            for i in range(0, len(v), 500)]})
+                                            for i in range(0, len(v), 500)],
+                         "loss_trace": [float(u) for u in r["losses"]]})
             print(rows[-1]["seed"], rows[-1]["optimizer"], rows[-1]["natural_step"],
                   rows[-1]["lr"], rows[-1]["steps_to_1pct"],
                   round(rows[-1]["best_elbo"], 1), flush=True)
-    path = ROOT / "bench" / "results" / f"natgrad_seeds{SETTINGS[setting]['suffix']}.json"
+    path = ROOT / "bench" / "results" / f"natgrad_seeds{SETTINGS[setting]['suffix']}{tag}.json"
     path.write_text(json.dumps({"config": {"net_rule": setting, "steps": _steps(setting),
                                            "window": WINDOW, "runs": seed_runs},
                                 "rows": rows}, indent=1))
@@ -415,7 +449,8 @@ def _num(v, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def summarize(runs: list[dict], setting: str = "cosine") -> None:
+def summarize(runs: list[dict], setting: str = "cosine", config_runs: list[tuple] | None = None,
+              tag: str = "") -> None:
     """Smooth, compute steps-to-1 %, write the JSON and print the table."""
     smoothed = [_smooth(r["losses"], WINDOW) for r in runs]
     best = float(min(np.min(s[np.isfinite(s)], initial=np.inf) for s in smoothed))
@@ -440,7 +475,7 @@ def summarize(runs: list[dict], setting: str = "cosine") -> None:
             "loss_trace": [float(v) for v in r["losses"]],
         })
     rows = []
-    config_runs = SETTINGS[setting]["runs"]
+    config_runs = config_runs or SETTINGS[setting]["runs"]
     # best run per optimizer: reaches 1 %, then (a run that gets there and falls back, e.g.
     # by merging two regimes, is not converged) still within 1 % at the end, then fewest steps
     for name in dict.fromkeys(_base(n) for n, _, _ in config_runs):
@@ -449,10 +484,12 @@ def summarize(runs: list[dict], setting: str = "cosine") -> None:
                                              not w["ends_within_1pct"],
                                              w["steps_to_1pct"] or 0, -w["best_elbo"])))
     # secondary: steps to within 1 % of the best Adam run's best smoothed loss
-    adam_best = -max(w["best_elbo"] for w in sweep if w["optimizer"] == "adam")
-    thresh_adam = adam_best + 0.01 * abs(adam_best)
+    adam = [w["best_elbo"] for w in sweep if w["optimizer"] == "adam"]
+    adam_best = -max(adam) if adam else None  # a --runs subset may have no Adam run
+    thresh_adam = None if adam_best is None else adam_best + 0.01 * abs(adam_best)
     for w, s in zip(sweep, smoothed, strict=True):
-        w["steps_to_1pct_of_best_adam"] = _first_within(s, thresh_adam)
+        w["steps_to_1pct_of_best_adam"] = (None if thresh_adam is None
+                                           else _first_within(s, thresh_adam))
     out = {
         "config": {"N": N, "T": T, "K": K, "D": D, "Dx": DX, "hidden": list(HIDDEN),
                    "seed": SEED, "steps": _steps(setting), "window": WINDOW,
@@ -464,10 +501,11 @@ def summarize(runs: list[dict], setting: str = "cosine") -> None:
         "rows": [{k: v for k, v in w.items() if k != "loss_trace"} for w in rows],
         "sweep": sweep,
     }
-    path = ROOT / "bench" / "results" / f"natgrad{SETTINGS[setting]['suffix']}.json"
+    path = ROOT / "bench" / "results" / f"natgrad{SETTINGS[setting]['suffix']}{tag}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"\nbest smoothed loss {best:.2f}, 1 % threshold {thresh:.2f} (window {WINDOW})")
-    print(f"1 % of the best Adam loss {adam_best:.2f}: threshold {thresh_adam:.2f}")
+    if adam_best is not None:
+        print(f"1 % of the best Adam loss {adam_best:.2f}: threshold {thresh_adam:.2f}")
     print(f"{'optimizer':<15}{'lr':>8}{'hold':>6}{'steps_to_1pct':>15}{'to_adam_best':>14}"
           f"{'best_elbo':>12}{'final_elbo':>12}{'accuracy':>10}{'used':>6}{'compile_s':>11}"
           f"{'train_s':>9}")
