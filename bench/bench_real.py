@@ -211,7 +211,8 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
              fast: bool, dataset: str) -> tuple[dict, dict]:
     fcfg = cli.FitConfig(dataset=dataset, family=family, K=K, D=cfg["D"], hidden=cfg["hidden"],
                          steps=cfg["steps"], seed=SEED, lr=cfg["lr"],
-                         natgrad_lr=cfg["natgrad_lr"], max_iters=cfg["max_iters"])
+                         natgrad_lr=cfg["natgrad_lr"], max_iters=cfg["max_iters"],
+                         natural_step=cfg.get("natural_step", "linear"))
     timing = {}
     t0 = time.time()
     switching = family == "slds" and cfg.get("init") == "arhmm"

@@ -65,6 +65,7 @@ class FitConfig:
     init: str = "random"  # "random" | "arhmm" (switching initialisation, slds only)
     init_steps: int = 500  # LDS-SVAE steps of the switching initialisation
     freeze_networks: bool = False  # networks fixed after the switching initialisation
+    natural_step: str = "linear"  # "linear" (SGD on u) | "exact" (natural_gradient(guide=))
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpoint."""
@@ -325,7 +326,9 @@ def build(cfg: FitConfig, data: Data) -> Run:
     # frozen networks: zero updates (the optimizer state differs from Adam's; a resume
     # with the other setting is refused by the configuration check before it is read)
     other = optax.set_to_zero() if cfg.freeze_networks else optax.adam(cfg.lr)
-    optim = natural_gradient(natgrad_lr=cfg.natgrad_lr, other=other)
+    # "exact": each q(theta) step lands on eta - lr * natgrad (SVAEGuide.retract)
+    optim = natural_gradient(natgrad_lr=cfg.natgrad_lr, other=other,
+                             guide=guide if cfg.natural_step == "exact" else None)
     svi = SVI(model, guide, optim, loss=SVAE_ELBO())
     run = Run(model, guide, svi, kw, enc, cfg.max_iters)
     while len(_RUNS) >= 2:
@@ -705,7 +708,8 @@ def _report(cfg: FitConfig, data: Data, m: dict, plots: list, seconds: float) ->
         "",
         f"- configuration: family={cfg.family}, K={cfg.K} regimes, D={cfg.D} latent "
         f"dimensions, hidden={cfg.hidden}, steps={m['steps']}, seed={cfg.seed}, lr={cfg.lr}, "
-        f"natgrad_lr={cfg.natgrad_lr}, max_iters={cfg.max_iters}"
+        f"natgrad_lr={cfg.natgrad_lr}, natural_step={cfg.natural_step}, "
+        f"max_iters={cfg.max_iters}"
         + (f", init={cfg.init} (init_steps={cfg.init_steps}, "
            f"freeze_networks={cfg.freeze_networks})" if cfg.init != "random" else ""),
         f"- data [sequences, steps, channels]: train {list(data.train_x.shape)}, held-out "
@@ -827,6 +831,10 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=defaults.seed)
         q.add_argument("--lr", type=float, default=defaults.lr, help="Adam rate (networks)")
         q.add_argument("--natgrad-lr", type=float, default=defaults.natgrad_lr)
+        q.add_argument("--natural-step", default=defaults.natural_step,
+                       choices=["linear", "exact"],
+                       help="q(theta) step: SGD on the unconstrained coordinates (linear, "
+                            "default) or landing exactly on eta - lr * natgrad (exact)")
         q.add_argument("--max-iters", type=int, default=defaults.max_iters,
                        help="mean-field block updates per step")
         q.add_argument("--window", type=int, default=defaults.window,
@@ -939,7 +947,7 @@ def _main(args) -> int:
             D=args.D, hidden=args.hidden, steps=args.steps, seed=args.seed, lr=args.lr,
             natgrad_lr=args.natgrad_lr, max_iters=args.max_iters, fast=args.fast,
             init=args.init, init_steps=args.init_steps, freeze_networks=args.freeze_networks,
-            window=args.window)
+            window=args.window, natural_step=args.natural_step)
         _check_config(cfg)
         out = pathlib.Path(args.out)
         resume = getattr(args, "resume", False)

@@ -273,8 +273,9 @@ def test_switching_init_options_are_checked_before_anything_runs(tmp_path, capsy
 
 @pytest.mark.slow  # ~60 s on a loaded 2-core machine: an LDS-SVAE, an AR-HMM, an SLDS-SVAE
 def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypatch):
-    """`fit --init arhmm --freeze-networks`: the initialisation runs once (not on resume),
-    its summary is reported, and the SLDS steps move q(theta) but not the networks.
+    """`fit --init arhmm --freeze-networks --natural-step exact`: the initialisation runs
+    once (not on resume), its summary is reported, and the SLDS steps (exact
+    natural-parameter steps) move q(theta) but not the networks.
 
     The held-out evaluation and run-folder outputs are those of every `fit` (tested end to
     end above); here they are replaced by a stub that records the metrics, which keeps this
@@ -295,7 +296,8 @@ def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypat
     out = tmp_path / "run"
     opts = ["--dataset", str(data), "--K", "2", "--D", "2", "--hidden", "8",
             "--max-iters", "2", "--fast", "--no-progress", "--out", str(out),
-            "--init", "arhmm", "--init-steps", "4", "--freeze-networks"]
+            "--init", "arhmm", "--init-steps", "4", "--freeze-networks",
+            "--natural-step", "exact"]
     assert cli.main(["fit", "--steps", "2", *opts]) == 0
     capsys.readouterr()
     m1 = written[-1]
@@ -303,12 +305,17 @@ def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypat
     assert np.isfinite(m1["init_final_loss"])
     cfg = cli.FitConfig(**json.loads((out / "checkpoint.json").read_text())["config"])
     assert (cfg.init, cfg.init_steps, cfg.freeze_networks) == ("arhmm", 4, True)
+    assert cfg.natural_step == "exact"
     d = cli.load_data(cfg)
     n, t = d.train_x.shape[:2]  # every step of the training latents is segmented
     assert sum(m1["init_frames_per_regime"]) == n * t
     assert sum(m1["init_transitions_per_regime"]) == n * (t - 1)
     report = cli._report(cfg, d, dict(m1, train_seconds=1.0), [], 1.0)
     assert "init=arhmm (init_steps=4, freeze_networks=True)" in report
+    assert "natural_step=exact" in report
+    # resuming with the other step is refused before anything runs
+    code, err = _run(capsys, ["fit", "--resume", "--steps", "4", *opts[:-1], "linear"])
+    assert code == 2 and "natural_step: checkpoint 'exact' vs now 'linear'" in err, err
 
     run = cli.build(cfg, d)  # the command's own (cached) run
     template = run.template(cfg.seed, d.train_x)
