@@ -1,6 +1,7 @@
 """Real-data evaluation: SLDS-SVAE vs LDS-SVAE vs classical baselines (issue 6).
 
-``python bench/bench_real.py [--mocap6 PATH] [--fast] [--only mocap6|basic_motions]``
+``python bench/bench_real.py [--mocap6 PATH] [--fast] [--only mocap6|basic_motions]
+[--models M,...] [--seed S --natural-step linear|exact --out FILE]``
 
 Data sets (``numpyro_svae.datasets``; standardised with training statistics):
 
@@ -30,7 +31,10 @@ regression weights) turns non-finite with ``K = 12`` (and with ``K = 8`` in floa
   segmentation with ``init_pseudo_count``, networks carried over; this is the command's
   ``fit --init arhmm``, ``numpyro_svae.cli.switching_start``) and then trains
   ``final_steps`` steps, the networks fixed when ``freeze_networks``
-  (``--freeze-networks``);
+  (``--freeze-networks``); ``natural_step`` is the command's ``--natural-step``
+  (``linear``: SGD on the unconstrained coordinates; ``exact``: natural-parameter steps,
+  ``--natural-step exact`` here; session 11 compared both over three seeds on mocap6,
+  docs/benchmarks.md);
 * ``arhmm`` / ``gaussian_hmm``: ``numpyro_svae.baselines`` (dynamax 1.0.3 linear AR(1)-HMM and
   full-covariance Gaussian HMM, MAP-EM from k-means, ``EM_ITERS`` iterations);
 * ``interpolation``: linear interpolation across each gap (imputation only).
@@ -89,10 +93,10 @@ CONFIG = {
                    natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1, gaps_per_seq=5,
                    kl_warmup_steps=250, kl_warmup_weight=0.1,
                    init="arhmm", init_pseudo_count=1.0, final_steps=500, freeze_networks=True,
-                   impute_restarts=16),
+                   impute_restarts=16, natural_step="linear"),
     "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
                           natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
-                          gaps_per_seq=2),
+                          gaps_per_seq=2, natural_step="linear"),
 }
 IMPUTE_SAMPLES, IW_SAMPLES = 50, 16
 FAST = dict(steps=15, em_iters=5, impute_samples=4, iw_samples=2)
@@ -454,6 +458,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _set_seed(seed: int) -> None:
+    global SEED
+    SEED = seed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mocap6", default=str(DEFAULT_MOCAP6), help="mocap6 folder")
@@ -465,7 +474,20 @@ def main(argv=None) -> int:
                    help="SVAEs: first STEPS steps with SVAE_ELBO(local_kl_weight=W) (default: "
                         "CONFIG's kl_warmup_steps; the loss logged then is the weighted one)")
     p.add_argument("--kl-warmup-weight", type=float, default=None, metavar="W")
+    p.add_argument("--seed", type=int, default=SEED,
+                   help="networks, training keys, AR-HMM start and gaps (default 0)")
+    p.add_argument("--natural-step", choices=["linear", "exact"], default=None,
+                   help="SVAEs' q(theta) step (default: CONFIG's, linear); the command's "
+                        "--natural-step")
     args = p.parse_args(argv)
+    if (args.seed != SEED or args.natural_step is not None) and not (args.out or args.fast):
+        # real.json holds the default recipe's rows; other seeds and steps go elsewhere
+        p.error("--seed / --natural-step need --out (bench/results/real.json holds the "
+                f"seed-{SEED} rows of CONFIG's recipe)")
+    _set_seed(args.seed)
+    for c in CONFIG.values():
+        if args.natural_step is not None:
+            c["natural_step"] = args.natural_step
     for c in CONFIG.values():
         if args.kl_warmup is not None:
             c["kl_warmup_steps"] = args.kl_warmup
