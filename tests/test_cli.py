@@ -291,6 +291,15 @@ def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(cli, "_evaluate", lambda *a, **k: None)
     monkeypatch.setattr(cli, "write_outputs", outputs)
+    from numpyro_svae import optim
+
+    built, original = [], optim.natural_gradient  # the guide each stage's `build` passes
+
+    def recording(**kw):
+        built.append(kw.get("guide"))
+        return original(**kw)
+
+    monkeypatch.setattr(optim, "natural_gradient", recording)
     data = tmp_path / "tiny.npz"
     _tiny_data(data)
     out = tmp_path / "run"
@@ -306,6 +315,8 @@ def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypat
     cfg = cli.FitConfig(**json.loads((out / "checkpoint.json").read_text())["config"])
     assert (cfg.init, cfg.init_steps, cfg.freeze_networks) == ("arhmm", 4, True)
     assert cfg.natural_step == "exact"
+    # both stages (LDS-SVAE, SLDS-SVAE) step exactly: their own guide goes to the optimizer
+    assert len(built) == 2 and all(g is not None for g in built)
     d = cli.load_data(cfg)
     n, t = d.train_x.shape[:2]  # every step of the training latents is segmented
     assert sum(m1["init_frames_per_regime"]) == n * t
