@@ -449,9 +449,9 @@ def _num(v, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
-def summarize(runs: list[dict], setting: str = "cosine", config_runs: list[tuple] | None = None,
-              tag: str = "") -> None:
-    """Smooth, compute steps-to-1 %, write the JSON and print the table."""
+def summarize(runs: list[dict], setting: str, config_runs: list[tuple], tag: str = "") -> None:
+    """Smooth, compute steps-to-1 %, write the JSON and print the table (`config_runs`: the
+    (name, lr, hold) list that produced `runs`)."""
     smoothed = [_smooth(r["losses"], WINDOW) for r in runs]
     best = float(min(np.min(s[np.isfinite(s)], initial=np.inf) for s in smoothed))
     thresh = best + 0.01 * abs(best)
@@ -475,7 +475,6 @@ def summarize(runs: list[dict], setting: str = "cosine", config_runs: list[tuple
             "loss_trace": [float(v) for v in r["losses"]],
         })
     rows = []
-    config_runs = config_runs or SETTINGS[setting]["runs"]
     # best run per optimizer: reaches 1 %, then (a run that gets there and falls back, e.g.
     # by merging two regimes, is not converged) still within 1 % at the end, then fewest steps
     for name in dict.fromkeys(_base(n) for n, _, _ in config_runs):

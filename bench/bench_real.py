@@ -83,7 +83,8 @@ from numpyro_svae import baselines, cli, datasets, metrics, predict
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_MOCAP6 = ROOT.parent / "shared" / "data" / "mocap6"
-SEED = 0
+DEFAULT_SEED = 0
+SEED = DEFAULT_SEED  # --seed
 METRIC_KEYS = ("ari", "accuracy", "impute_rmse", "impute_loglik", "heldout_bound_per_frame",
                "regimes_used", "seconds")
 
@@ -216,7 +217,7 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
     fcfg = cli.FitConfig(dataset=dataset, family=family, K=K, D=cfg["D"], hidden=cfg["hidden"],
                          steps=cfg["steps"], seed=SEED, lr=cfg["lr"],
                          natgrad_lr=cfg["natgrad_lr"], max_iters=cfg["max_iters"],
-                         natural_step=cfg.get("natural_step", "linear"))
+                         natural_step=cfg["natural_step"])
     timing = {}
     t0 = time.time()
     switching = family == "slds" and cfg.get("init") == "arhmm"
@@ -458,12 +459,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _set_seed(seed: int) -> None:
-    global SEED
-    SEED = seed
-
-
 def main(argv=None) -> int:
+    global SEED
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mocap6", default=str(DEFAULT_MOCAP6), help="mocap6 folder")
     p.add_argument("--fast", action="store_true", help="smoke run (few steps; no file)")
@@ -474,17 +471,18 @@ def main(argv=None) -> int:
                    help="SVAEs: first STEPS steps with SVAE_ELBO(local_kl_weight=W) (default: "
                         "CONFIG's kl_warmup_steps; the loss logged then is the weighted one)")
     p.add_argument("--kl-warmup-weight", type=float, default=None, metavar="W")
-    p.add_argument("--seed", type=int, default=SEED,
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="networks, training keys, AR-HMM start and gaps (default 0)")
-    p.add_argument("--natural-step", choices=["linear", "exact"], default=None,
+    p.add_argument("--natural-step", choices=cli.NATURAL_STEPS, default=None,
                    help="SVAEs' q(theta) step (default: CONFIG's, linear); the command's "
                         "--natural-step")
     args = p.parse_args(argv)
-    if (args.seed != SEED or args.natural_step is not None) and not (args.out or args.fast):
+    if (args.seed != DEFAULT_SEED or args.natural_step is not None) and not (
+            args.out or args.fast):
         # real.json holds the default recipe's rows; other seeds and steps go elsewhere
         p.error("--seed / --natural-step need --out (bench/results/real.json holds the "
-                f"seed-{SEED} rows of CONFIG's recipe)")
-    _set_seed(args.seed)
+                f"seed-{DEFAULT_SEED} rows of CONFIG's recipe)")
+    SEED = args.seed
     for c in CONFIG.values():
         if args.natural_step is not None:
             c["natural_step"] = args.natural_step

@@ -39,6 +39,8 @@ import numpy as np
 __all__ = ["main", "FitConfig", "CLIError"]
 
 CHECKPOINT_VERSION = 1
+NATURAL_STEPS = ("linear", "exact")
+"""`FitConfig.natural_step`: SGD on the unconstrained coordinates, or exact natural steps."""
 
 
 class CLIError(Exception):
@@ -832,7 +834,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--lr", type=float, default=defaults.lr, help="Adam rate (networks)")
         q.add_argument("--natgrad-lr", type=float, default=defaults.natgrad_lr)
         q.add_argument("--natural-step", default=defaults.natural_step,
-                       choices=["linear", "exact"],
+                       choices=NATURAL_STEPS,
                        help="q(theta) step: SGD on the unconstrained coordinates (linear, "
                             "default) or landing exactly on eta - lr * natgrad (exact)")
         q.add_argument("--max-iters", type=int, default=defaults.max_iters,
@@ -872,6 +874,9 @@ def _check_config(cfg: FitConfig) -> None:
         if getattr(cfg, name) < low:
             raise CLIError(f"--{name.replace('_', '-')} must be >= {low}; "
                            f"got {getattr(cfg, name)}")
+    if cfg.natural_step not in NATURAL_STEPS:  # reached by FitConfig built in code
+        raise CLIError(f"--natural-step must be one of {', '.join(NATURAL_STEPS)}; "
+                       f"got {cfg.natural_step!r}")
     for name in ("lr", "natgrad_lr"):
         v = getattr(cfg, name)
         if not (np.isfinite(v) and v > 0):

@@ -271,6 +271,13 @@ def test_switching_init_options_are_checked_before_anything_runs(tmp_path, capsy
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_natural_step_is_checked_also_for_configs_built_in_code():
+    cli._check_config(cli.FitConfig(natural_step="exact"))
+    with pytest.raises(cli.CLIError, match="--natural-step must be one of linear, exact; "
+                                           "got 'exactly'"):
+        cli._check_config(cli.FitConfig(natural_step="exactly"))
+
+
 @pytest.mark.slow  # ~60 s on a loaded 2-core machine: an LDS-SVAE, an AR-HMM, an SLDS-SVAE
 def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypatch):
     """`fit --init arhmm --freeze-networks --natural-step exact`: the initialisation runs
