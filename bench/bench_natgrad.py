@@ -22,7 +22,10 @@ The q(theta) rules:
   each step lands exactly on ``eta - lr * natgrad`` in natural parameters instead of
   following the straight line in the unconstrained coordinates; in the JSON they are
   ``"optimizer": "natural"`` with ``"natural_step": "exact"`` (``"linear"`` for the others),
-  and the ``natural`` row is the best natural-gradient run of either kind.
+  and the ``natural`` row is the best natural-gradient run of either kind.  Runs named
+  ``natural_decay`` / ``natural_exact_decay`` (session 12, ``--runs`` only) decay the
+  natural-gradient rate with the network rule's cosine shape (``lr`` to ``0.025 lr`` over
+  ``DECAY_STEPS``); in the JSON ``"natural_rate": "cosine"`` (``"constant"`` otherwise).
 * ``adam`` / ``sgd``: ``SVAEGuide(..., natural_gradients=False)``, which builds q(theta)
   with ``*_qtheta_terms(natgrad=False)`` and differentiates through the expected
   statistics and the KL (no natural-gradient VJP), so that the q(theta) gradient is the ordinary
@@ -38,10 +41,9 @@ a time in worker processes (same results; each run is seeded on its own).
 
 ``python bench/bench_natgrad.py --seeds 1 2`` runs the setting's ``seed_runs`` on other seeds
 and writes ``bench/results/natgrad_seeds.json``.  ``--runs NAME:LR[:HOLD],... --tag TAG``
-runs that list instead of the setting's (``NAME`` one of ``natural``, ``natural_exact``,
-``adam``, ``sgd``) and writes ``natgrad[_seeds]_TAG.json``, so that a subset never
-overwrites the full list's results; e.g. ``--runs natural_exact:0.1,natural_exact:0.2,adam:0.05
---tag exact --seeds 1 2``.
+runs that list instead of the setting's (``NAME`` one of ``RUN_NAMES``) and writes
+``natgrad[_seeds]_TAG.json``, so that a subset never overwrites the full list's results;
+e.g. ``--runs natural_exact:0.1,natural_exact:0.2,adam:0.05 --tag exact --seeds 1 2``.
 
 ``python bench/bench_natgrad.py --frozen-networks`` isolates the q(theta) optimizer: the
 networks of a ``FROZEN_PRETRAIN``-step Adam-2e-2 run of seed 0 are held fixed, q(theta) is
@@ -91,8 +93,11 @@ STEPS_OVERRIDE = os.environ.get("BENCH_NATGRAD_STEPS")  # only for smoke tests
 WINDOW = 50
 
 
+DECAY_STEPS = 2000  # the network rule's decay; also the ``*_decay`` natural rate's
+
+
 def _cosine_net_rule() -> optax.GradientTransformation:
-    return optax.adam(optax.cosine_decay_schedule(2e-2, 2000, alpha=0.025))
+    return optax.adam(optax.cosine_decay_schedule(2e-2, DECAY_STEPS, alpha=0.025))
 
 
 def _constant_net_rule() -> optax.GradientTransformation:
@@ -129,7 +134,7 @@ SETTINGS = {
 
 
 def _base(name: str) -> str:
-    """Optimizer name in the results (``natural_exact`` runs are ``natural`` runs)."""
+    """Optimizer name in the results (``natural_exact[_decay]`` runs are ``natural`` runs)."""
     return "natural" if name.startswith("natural") else name
 
 
@@ -138,7 +143,24 @@ def _step_kind(name: str) -> str | None:
     natural-parameter steps) or ``linear`` (SGD on the unconstrained coordinates)."""
     if not name.startswith("natural"):
         return None
-    return "exact" if name == "natural_exact" else "linear"
+    return "exact" if name.startswith("natural_exact") else "linear"
+
+
+def _natural_rate(name: str, lr: float, hold: int) -> dict:
+    """``natural_gradient``'s rate arguments for a natural-gradient run.
+
+    ``*_decay`` runs decay the natural-gradient rate with the cosine shape of the network
+    rule (``lr`` to ``0.025 lr`` over ``DECAY_STEPS`` steps, then constant): the Robbins-Monro
+    condition of stochastic VB, and the research code's schedule for its PGM rate.  A hold
+    keeps q(theta) at its initial value for ``hold`` steps first.
+    """
+    rate = (optax.cosine_decay_schedule(lr, DECAY_STEPS, alpha=0.025)
+            if name.endswith("_decay") else optax.constant_schedule(lr))
+    if hold:
+        rate = optax.join_schedules([optax.constant_schedule(0.0), rate], [hold])
+    elif not name.endswith("_decay"):
+        return dict(natgrad_lr=lr)
+    return dict(schedule=rate)
 
 
 def _steps(setting: str) -> int:
@@ -196,12 +218,11 @@ def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None,
     the number of regimes used, at the end."""
     k_enc, k_svi = jax.random.split(jax.random.key(SEED))
     encoder = GaussianPotentialEncoder(obs_dim=DX, latent_dim=D, hidden=HIDDEN, key=k_enc)
-    if name in ("natural", "natural_exact"):
+    if name.startswith("natural"):
         guide = SVAEGuide(model, encoder=encoder)
-        rate = dict(natgrad_lr=lr) if not hold else dict(schedule=optax.join_schedules(
-            [optax.constant_schedule(0.0), optax.constant_schedule(lr)], [hold]))
-        optim = natural_gradient(**rate, other=SETTINGS[setting]["net_rule"](),
-                                 guide=guide if name == "natural_exact" else None)
+        optim = natural_gradient(**_natural_rate(name, lr, hold),
+                                 other=SETTINGS[setting]["net_rule"](),
+                                 guide=guide if _step_kind(name) == "exact" else None)
     else:
         if hold:
             raise ValueError("hold applies to the natural-gradient runs only")
@@ -227,6 +248,8 @@ def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None,
     bad = np.nonzero(~np.isfinite(losses))[0]
     out = {"optimizer": _base(name), "lr": lr, "hold": hold, "losses": losses,
            "setting": setting, "natural_step": _step_kind(name),
+           "natural_rate": ("cosine" if name.endswith("_decay") else "constant")
+           if name.startswith("natural") else None,
            "compile_s": compile_s, "train_s": train_s, "accuracy": None, "regimes_used": None,
            # a non-finite step poisons the state for good (plain ``svi.update``): recorded,
            # and the run scores no accuracy
@@ -266,7 +289,7 @@ def _run_all(jobs: list[tuple], processes: int) -> list[dict]:
 
 USAGE = ("usage: bench_natgrad.py [--jobs P] [--net-rule cosine|constant] "
          "[--runs NAME:LR[:HOLD],... --tag TAG] [--seeds S [S ...] | --frozen-networks]")
-RUN_NAMES = ("natural", "natural_exact", "adam", "sgd")
+RUN_NAMES = ("natural", "natural_exact", "natural_decay", "natural_exact_decay", "adam", "sgd")
 
 
 def parse_runs(text: str) -> list[tuple[str, float, int]]:
@@ -341,6 +364,7 @@ def other_seeds(seeds: list[int], processes: int = 1, setting: str = "cosine",
         for r, v in zip(runs, sm, strict=True):
             rows.append({"seed": seed, "optimizer": r["optimizer"], "lr": r["lr"],
                          "natural_step": r["natural_step"],
+                         "natural_rate": r.get("natural_rate"),
                          "hold": r["hold"], "accuracy": r["accuracy"],
                          "first_nonfinite_step": r["first_nonfinite_step"],
                          "regimes_used": r["regimes_used"],
@@ -351,6 +375,7 @@ def other_seeds(seeds: list[int], processes: int = 1, setting: str = "cosine",
                                             for i in range(0, len(v), 500)],
                          "loss_trace": [float(u) for u in r["losses"]]})
             print(rows[-1]["seed"], rows[-1]["optimizer"], rows[-1]["natural_step"],
+                  rows[-1]["natural_rate"],
                   rows[-1]["lr"], rows[-1]["steps_to_1pct"],
                   round(rows[-1]["best_elbo"], 1), flush=True)
     path = ROOT / "bench" / "results" / f"natgrad_seeds{SETTINGS[setting]['suffix']}{tag}.json"
@@ -461,6 +486,7 @@ def summarize(runs: list[dict], setting: str, config_runs: list[tuple], tag: str
         sweep.append({
             "optimizer": r["optimizer"],
             "natural_step": r["natural_step"],
+            "natural_rate": r.get("natural_rate"),
             "lr": r["lr"],
             "hold": r["hold"],
             "accuracy": r["accuracy"],
@@ -512,7 +538,8 @@ def summarize(runs: list[dict], setting: str, config_runs: list[tuple], tag: str
         steps = "never" if r["steps_to_1pct"] is None else str(r["steps_to_1pct"])
         to_adam = r["steps_to_1pct_of_best_adam"]
         to_adam = "never" if to_adam is None else str(to_adam)
-        label = r["optimizer"] + (f" {r['natural_step']}" if r["natural_step"] else "")
+        label = r["optimizer"] + (f" {r['natural_step']}" if r["natural_step"] else "") + (
+            " decay" if r.get("natural_rate") == "cosine" else "")
         print(f"{label:<15}{r['lr']:>8g}{r['hold']:>6}{steps:>15}{to_adam:>14}"
               f"{r['best_elbo']:>12.2f}{_num(r['final_elbo'], '.2f'):>12}"
               f"{_num(r['accuracy'], '.3f'):>10}{_num(r['regimes_used'], 'd'):>6}"

@@ -34,7 +34,10 @@ regression weights) turns non-finite with ``K = 12`` (and with ``K = 8`` in floa
   (``--freeze-networks``); ``natural_step`` is the command's ``--natural-step``
   (``linear``: SGD on the unconstrained coordinates; ``exact``: natural-parameter steps,
   ``--natural-step exact`` here; session 11 compared both over three seeds on mocap6,
-  docs/benchmarks.md);
+  docs/benchmarks.md); ``natgrad_schedule`` is the command's ``--natgrad-schedule``
+  for the SLDS row (``cosine``: the natural-gradient rate decays to 0 over the SLDS steps;
+  session 12; the LDS-SVAE row keeps the constant rate, as the switching
+  initialisation's first stage does);
 * ``arhmm`` / ``gaussian_hmm``: ``numpyro_svae.baselines`` (dynamax 1.0.3 linear AR(1)-HMM and
   full-covariance Gaussian HMM, MAP-EM from k-means, ``EM_ITERS`` iterations);
 * ``interpolation``: linear interpolation across each gap (imputation only).
@@ -94,10 +97,10 @@ CONFIG = {
                    natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1, gaps_per_seq=5,
                    kl_warmup_steps=250, kl_warmup_weight=0.1,
                    init="arhmm", init_pseudo_count=1.0, final_steps=500, freeze_networks=True,
-                   impute_restarts=16, natural_step="linear"),
+                   impute_restarts=16, natural_step="linear", natgrad_schedule="constant"),
     "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
                           natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
-                          gaps_per_seq=2, natural_step="linear"),
+                          gaps_per_seq=2, natural_step="linear", natgrad_schedule="constant"),
 }
 IMPUTE_SAMPLES, IW_SAMPLES = 50, 16
 FAST = dict(steps=15, em_iters=5, impute_samples=4, iw_samples=2)
@@ -217,7 +220,11 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
     fcfg = cli.FitConfig(dataset=dataset, family=family, K=K, D=cfg["D"], hidden=cfg["hidden"],
                          steps=cfg["steps"], seed=SEED, lr=cfg["lr"],
                          natgrad_lr=cfg["natgrad_lr"], max_iters=cfg["max_iters"],
-                         natural_step=cfg["natural_step"])
+                         natural_step=cfg["natural_step"],
+                         # the SLDS row only: the LDS-SVAE row stays the switching
+                         # initialisation's first stage (constant rate, `init_stage_config`)
+                         natgrad_schedule=cfg["natgrad_schedule"] if family == "slds"
+                         else "constant")
     timing = {}
     t0 = time.time()
     switching = family == "slds" and cfg.get("init") == "arhmm"
@@ -476,16 +483,24 @@ def main(argv=None) -> int:
     p.add_argument("--natural-step", choices=cli.NATURAL_STEPS, default=None,
                    help="SVAEs' q(theta) step (default: CONFIG's, linear); the command's "
                         "--natural-step")
+    p.add_argument("--natgrad-schedule", choices=cli.NATGRAD_SCHEDULES, default=None,
+                   help="the SLDS-SVAE's natural-gradient rate (default: CONFIG's, "
+                        "constant); the command's --natgrad-schedule (after the switching "
+                        "initialisation: the SLDS steps only; the LDS-SVAE row keeps the "
+                        "constant rate)")
     args = p.parse_args(argv)
-    if (args.seed != DEFAULT_SEED or args.natural_step is not None) and not (
-            args.out or args.fast):
+    changed = args.natural_step is not None or args.natgrad_schedule is not None
+    if (args.seed != DEFAULT_SEED or changed) and not (args.out or args.fast):
         # real.json holds the default recipe's rows; other seeds and steps go elsewhere
-        p.error("--seed / --natural-step need --out (bench/results/real.json holds the "
-                f"seed-{DEFAULT_SEED} rows of CONFIG's recipe)")
+        p.error("--seed / --natural-step / --natgrad-schedule need --out "
+                f"(bench/results/real.json holds the seed-{DEFAULT_SEED} rows of CONFIG's "
+                "recipe)")
     SEED = args.seed
     for c in CONFIG.values():
         if args.natural_step is not None:
             c["natural_step"] = args.natural_step
+        if args.natgrad_schedule is not None:
+            c["natgrad_schedule"] = args.natgrad_schedule
     for c in CONFIG.values():
         if args.kl_warmup is not None:
             c["kl_warmup_steps"] = args.kl_warmup

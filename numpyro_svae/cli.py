@@ -41,6 +41,9 @@ __all__ = ["main", "FitConfig", "CLIError"]
 CHECKPOINT_VERSION = 1
 NATURAL_STEPS = ("linear", "exact")
 """`FitConfig.natural_step`: SGD on the unconstrained coordinates, or exact natural steps."""
+NATGRAD_SCHEDULES = ("constant", "cosine")
+"""`FitConfig.natgrad_schedule`: a constant natural-gradient rate, or a cosine decay from
+``natgrad_lr`` to 0 over the run's ``steps`` (see `natgrad_rate`)."""
 
 
 class CLIError(Exception):
@@ -68,6 +71,7 @@ class FitConfig:
     init_steps: int = 500  # LDS-SVAE steps of the switching initialisation
     freeze_networks: bool = False  # networks fixed after the switching initialisation
     natural_step: str = "linear"  # "linear" (SGD on u) | "exact" (natural_gradient(guide=))
+    natgrad_schedule: str = "constant"  # "constant" | "cosine" (decay to 0 over `steps`)
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpoint."""
@@ -302,9 +306,30 @@ def _fingerprint(data: Data) -> str:
     return h.hexdigest()
 
 
+def natgrad_rate(cfg: FitConfig) -> dict:
+    """`natural_gradient`'s rate arguments for `cfg`.
+
+    ``constant``: ``natgrad_lr=cfg.natgrad_lr``.  ``cosine``: a schedule from
+    ``cfg.natgrad_lr`` at the first step to 0 at step ``cfg.steps`` (the run's total; the
+    optimizer's step count is part of the checkpoint, so a resume with a larger ``--steps``
+    continues on the longer curve from where it stopped).  Stochastic VB settles only with
+    a decaying rate; on mocap6 the decay kept the switching stage from drifting into fewer
+    regimes (``docs/benchmarks.md``, session 12).
+    """
+    if cfg.natgrad_schedule == "constant":
+        return dict(natgrad_lr=cfg.natgrad_lr)
+    import optax
+
+    return dict(schedule=optax.cosine_decay_schedule(cfg.natgrad_lr, max(cfg.steps, 1),
+                                                     alpha=0.0))
+
+
 def build(cfg: FitConfig, data: Data) -> Run:
     """Model, guide and SVI object for `cfg` on the training data (cached per process)."""
-    key = (json.dumps(cfg.identity(), sort_keys=True), _fingerprint(data))
+    ident = cfg.identity()
+    if cfg.natgrad_schedule != "constant":  # the decay's length is the run's `steps`
+        ident["steps"] = cfg.steps
+    key = (json.dumps(ident, sort_keys=True), _fingerprint(data))
     if key in _RUNS:
         return _RUNS[key]
     import jax
@@ -329,7 +354,7 @@ def build(cfg: FitConfig, data: Data) -> Run:
     # with the other setting is refused by the configuration check before it is read)
     other = optax.set_to_zero() if cfg.freeze_networks else optax.adam(cfg.lr)
     # "exact": each q(theta) step lands on eta - lr * natgrad (SVAEGuide.retract)
-    optim = natural_gradient(natgrad_lr=cfg.natgrad_lr, other=other,
+    optim = natural_gradient(**natgrad_rate(cfg), other=other,
                              guide=guide if cfg.natural_step == "exact" else None)
     svi = SVI(model, guide, optim, loss=SVAE_ELBO())
     run = Run(model, guide, svi, kw, enc, cfg.max_iters)
@@ -477,6 +502,14 @@ INIT_EM_ITERS = 100
 INIT_PSEUDO_COUNT = 1.0
 
 
+def init_stage_config(cfg: FitConfig) -> FitConfig:
+    """The LDS-SVAE stage of `cfg`'s switching initialisation: one regime, ``init_steps``
+    steps, networks trained, and a constant natural-gradient rate (``--natgrad-schedule``
+    applies to the SLDS steps that follow)."""
+    return dataclasses.replace(cfg, family="lds", K=1, init="random", freeze_networks=False,
+                               steps=cfg.init_steps, natgrad_schedule="constant")
+
+
 def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = True,
                     em_iters: int = INIT_EM_ITERS, pseudo_count: float = INIT_PSEUDO_COUNT,
                     warmup_steps: int | None = None,
@@ -500,8 +533,7 @@ def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = Tr
 
     from .initialize import arhmm_init
 
-    lds_cfg = dataclasses.replace(cfg, family="lds", K=1, init="random",
-                                  freeze_networks=False, steps=cfg.init_steps)
+    lds_cfg = init_stage_config(cfg)
     run1 = build(lds_cfg, data)
     warm = (int(round(INIT_WARMUP_FRACTION * cfg.init_steps)) if warmup_steps is None
             else min(int(warmup_steps), cfg.init_steps))
@@ -710,7 +742,8 @@ def _report(cfg: FitConfig, data: Data, m: dict, plots: list, seconds: float) ->
         "",
         f"- configuration: family={cfg.family}, K={cfg.K} regimes, D={cfg.D} latent "
         f"dimensions, hidden={cfg.hidden}, steps={m['steps']}, seed={cfg.seed}, lr={cfg.lr}, "
-        f"natgrad_lr={cfg.natgrad_lr}, natural_step={cfg.natural_step}, "
+        f"natgrad_lr={cfg.natgrad_lr}, natgrad_schedule={cfg.natgrad_schedule}, "
+        f"natural_step={cfg.natural_step}, "
         f"max_iters={cfg.max_iters}"
         + (f", init={cfg.init} (init_steps={cfg.init_steps}, "
            f"freeze_networks={cfg.freeze_networks})" if cfg.init != "random" else ""),
@@ -833,6 +866,10 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=defaults.seed)
         q.add_argument("--lr", type=float, default=defaults.lr, help="Adam rate (networks)")
         q.add_argument("--natgrad-lr", type=float, default=defaults.natgrad_lr)
+        q.add_argument("--natgrad-schedule", default=defaults.natgrad_schedule,
+                       choices=NATGRAD_SCHEDULES,
+                       help="natural-gradient rate: constant (default) or a cosine decay to "
+                            "0 over --steps (after --init arhmm: over the SLDS steps)")
         q.add_argument("--natural-step", default=defaults.natural_step,
                        choices=NATURAL_STEPS,
                        help="q(theta) step: SGD on the unconstrained coordinates (linear, "
@@ -877,6 +914,9 @@ def _check_config(cfg: FitConfig) -> None:
     if cfg.natural_step not in NATURAL_STEPS:  # reached by FitConfig built in code
         raise CLIError(f"--natural-step must be one of {', '.join(NATURAL_STEPS)}; "
                        f"got {cfg.natural_step!r}")
+    if cfg.natgrad_schedule not in NATGRAD_SCHEDULES:
+        raise CLIError(f"--natgrad-schedule must be one of {', '.join(NATGRAD_SCHEDULES)}; "
+                       f"got {cfg.natgrad_schedule!r}")
     for name in ("lr", "natgrad_lr"):
         v = getattr(cfg, name)
         if not (np.isfinite(v) and v > 0):
@@ -952,7 +992,8 @@ def _main(args) -> int:
             D=args.D, hidden=args.hidden, steps=args.steps, seed=args.seed, lr=args.lr,
             natgrad_lr=args.natgrad_lr, max_iters=args.max_iters, fast=args.fast,
             init=args.init, init_steps=args.init_steps, freeze_networks=args.freeze_networks,
-            window=args.window, natural_step=args.natural_step)
+            window=args.window, natural_step=args.natural_step,
+            natgrad_schedule=args.natgrad_schedule)
         _check_config(cfg)
         out = pathlib.Path(args.out)
         resume = getattr(args, "resume", False)

@@ -1,5 +1,7 @@
 """The `numpyro-svae` command: clear one-line errors (exit 2), safe atomic checkpoints."""
 
+import dataclasses
+import hashlib
 import json
 import os
 
@@ -276,6 +278,58 @@ def test_natural_step_is_checked_also_for_configs_built_in_code():
     with pytest.raises(cli.CLIError, match="--natural-step must be one of linear, exact; "
                                            "got 'exactly'"):
         cli._check_config(cli.FitConfig(natural_step="exactly"))
+
+
+def test_natgrad_schedule_decays_over_the_run_steps_and_not_in_the_init_stage(
+        tmp_path, capsys, monkeypatch):
+    """`--natgrad-schedule cosine`: the rate falls from --natgrad-lr to 0 over --steps (the
+    SLDS steps after --init arhmm; the LDS-SVAE stage keeps a constant rate); a resume to
+    more steps builds the longer decay; a resume with the other schedule is refused."""
+    cli._check_config(cli.FitConfig(natgrad_schedule="cosine"))
+    with pytest.raises(cli.CLIError, match="--natgrad-schedule must be one of constant, "
+                                           "cosine; got 'linear'"):
+        cli._check_config(cli.FitConfig(natgrad_schedule="linear"))
+    assert cli.natgrad_rate(cli.FitConfig(natgrad_lr=0.05)) == {"natgrad_lr": 0.05}
+    cfg = cli.FitConfig(family="slds", K=2, D=2, hidden=4, natgrad_lr=0.05, steps=10,
+                        natgrad_schedule="cosine", init="arhmm", init_steps=7)
+    sched = cli.natgrad_rate(cfg)["schedule"]
+    np.testing.assert_allclose([float(sched(i)) for i in (0, 5, 10, 25)],
+                               [0.05, 0.025, 0.0, 0.0], atol=1e-8)
+    stage = cli.init_stage_config(cfg)
+    assert (stage.family, stage.K, stage.steps, stage.init, stage.freeze_networks,
+            stage.natgrad_schedule) == ("lds", 1, 7, "random", False, "constant")
+    assert cfg.identity()["natgrad_schedule"] == "cosine"  # part of the resume check
+
+    from numpyro_svae import optim
+
+    rates, original = [], optim.natural_gradient
+
+    def recording(**kw):
+        rates.append(kw.get("schedule", kw.get("natgrad_lr")))
+        return original(**kw)
+
+    monkeypatch.setattr(optim, "natural_gradient", recording)
+    path = tmp_path / "tiny.npz"
+    _tiny_data(path)
+    cfg = dataclasses.replace(cfg, dataset=str(path))
+    data = cli.load_data(cfg)
+    run10 = cli.build(cfg, data)
+    assert cli.build(cfg, data) is run10 and len(rates) == 1  # cached
+    run20 = cli.build(dataclasses.replace(cfg, steps=20), data)  # a resume to 20 steps
+    assert run20 is not run10 and float(rates[-1](10)) == pytest.approx(0.025)
+    cli.build(dataclasses.replace(cfg, natgrad_schedule="constant", steps=30), data)
+    assert rates[-1] == 0.05
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.npz").write_bytes(b"state")
+    (out / "checkpoint.json").write_text(json.dumps(
+        {"version": cli.CHECKPOINT_VERSION, "sha256": hashlib.sha256(b"state").hexdigest(),
+         "config": dataclasses.asdict(cfg)}))
+    cli.check_checkpoint(out, dataclasses.replace(cfg, steps=40))  # more steps: compatible
+    with pytest.raises(cli.CLIError, match="natgrad_schedule: checkpoint 'cosine' vs now "
+                                           "'constant'"):
+        cli.check_checkpoint(out, dataclasses.replace(cfg, natgrad_schedule="constant"))
 
 
 @pytest.mark.slow  # ~60 s on a loaded 2-core machine: an LDS-SVAE, an AR-HMM, an SLDS-SVAE
