@@ -146,6 +146,14 @@ def _step_kind(name: str) -> str | None:
     return "exact" if name.startswith("natural_exact") else "linear"
 
 
+def _rate_kind(name: str) -> str | None:
+    """How a natural-gradient run's rate behaves: ``cosine`` (``*_decay`` runs) or
+    ``constant``."""
+    if not name.startswith("natural"):
+        return None
+    return "cosine" if name.endswith("_decay") else "constant"
+
+
 def _natural_rate(name: str, lr: float, hold: int) -> dict:
     """``natural_gradient``'s rate arguments for a natural-gradient run.
 
@@ -154,12 +162,13 @@ def _natural_rate(name: str, lr: float, hold: int) -> dict:
     condition of stochastic VB, and the research code's schedule for its PGM rate.  A hold
     keeps q(theta) at its initial value for ``hold`` steps first.
     """
-    rate = (optax.cosine_decay_schedule(lr, DECAY_STEPS, alpha=0.025)
-            if name.endswith("_decay") else optax.constant_schedule(lr))
+    decay = _rate_kind(name) == "cosine"
+    if not (decay or hold):
+        return dict(natgrad_lr=lr)
+    rate = (optax.cosine_decay_schedule(lr, DECAY_STEPS, alpha=0.025) if decay
+            else optax.constant_schedule(lr))
     if hold:
         rate = optax.join_schedules([optax.constant_schedule(0.0), rate], [hold])
-    elif not name.endswith("_decay"):
-        return dict(natgrad_lr=lr)
     return dict(schedule=rate)
 
 
@@ -248,8 +257,7 @@ def run_one(name: str, lr: float, model, x, hold: int = 0, labels=None,
     bad = np.nonzero(~np.isfinite(losses))[0]
     out = {"optimizer": _base(name), "lr": lr, "hold": hold, "losses": losses,
            "setting": setting, "natural_step": _step_kind(name),
-           "natural_rate": ("cosine" if name.endswith("_decay") else "constant")
-           if name.startswith("natural") else None,
+           "natural_rate": _rate_kind(name),
            "compile_s": compile_s, "train_s": train_s, "accuracy": None, "regimes_used": None,
            # a non-finite step poisons the state for good (plain ``svi.update``): recorded,
            # and the run scores no accuracy
