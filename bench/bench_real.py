@@ -39,9 +39,10 @@ regression weights) turns non-finite with ``K = 12`` (and with ``K = 8`` in floa
   ``--natural-step exact`` here; session 11 compared both over three seeds on mocap6,
   docs/benchmarks.md); ``natgrad_schedule`` is the command's ``--natgrad-schedule``
   for the SLDS row (``cosine``: the natural-gradient rate decays to 0 over the SLDS steps;
-  mocap6's recipe since session 13, after it met every mocap6 target on three seeds; the
-  LDS-SVAE row keeps the constant rate, as the switching initialisation's first stage
-  does; BasicMotions, trained from a random start for 250 steps, keeps ``constant``);
+  mocap6's recipe since session 13, better on average over three seeds but not in every
+  run, docs/benchmarks.md; the LDS-SVAE row keeps the constant rate, as the switching
+  initialisation's first stage does; BasicMotions, trained from a random start for 250
+  steps, keeps ``constant``);
 * ``arhmm`` / ``gaussian_hmm``: ``numpyro_svae.baselines`` (dynamax 1.0.3 linear AR(1)-HMM and
   full-covariance Gaussian HMM, MAP-EM from k-means, ``EM_ITERS`` iterations);
 * ``interpolation``: linear interpolation across each gap (imputation only).
