@@ -39,8 +39,9 @@ import numpy as np
 __all__ = ["main", "FitConfig", "CLIError"]
 
 CHECKPOINT_VERSION = 1
-NATURAL_STEPS = ("linear", "exact")
-"""`FitConfig.natural_step`: SGD on the unconstrained coordinates, or exact natural steps."""
+NATURAL_STEPS = ("linear", "exact", "guarded")
+"""`FitConfig.natural_step`: SGD on the unconstrained coordinates, exact natural steps, or SGD
+with the exact step where the straight line overshoots (`natural_gradient(natural_step=)`)."""
 NATGRAD_SCHEDULES = ("constant", "cosine")
 """`FitConfig.natgrad_schedule`: a constant natural-gradient rate, or a cosine decay from
 ``natgrad_lr`` to 0 over the run's ``steps`` (see `natgrad_rate`)."""
@@ -70,7 +71,7 @@ class FitConfig:
     init: str = "random"  # "random" | "arhmm" (switching initialisation, slds only)
     init_steps: int = 500  # LDS-SVAE steps of the switching initialisation
     freeze_networks: bool = False  # networks fixed after the switching initialisation
-    natural_step: str = "linear"  # "linear" (SGD on u) | "exact" (natural_gradient(guide=))
+    natural_step: str = "linear"  # "linear" (SGD on u) | "exact" | "guarded" (need the guide)
     natgrad_schedule: str = "constant"  # "constant" | "cosine" (decay to 0 over `steps`)
 
     def identity(self) -> dict:
@@ -353,9 +354,11 @@ def build(cfg: FitConfig, data: Data) -> Run:
     # frozen networks: zero updates (the optimizer state differs from Adam's; a resume
     # with the other setting is refused by the configuration check before it is read)
     other = optax.set_to_zero() if cfg.freeze_networks else optax.adam(cfg.lr)
-    # "exact": each q(theta) step lands on eta - lr * natgrad (SVAEGuide.retract)
+    # "exact": each q(theta) step lands on eta - lr * natgrad (SVAEGuide.retract);
+    # "guarded": SGD on u except where that straight line overshoots the exact step
     optim = natural_gradient(**natgrad_rate(cfg), other=other,
-                             guide=guide if cfg.natural_step == "exact" else None)
+                             guide=guide if cfg.natural_step != "linear" else None,
+                             natural_step=cfg.natural_step)
     svi = SVI(model, guide, optim, loss=SVAE_ELBO())
     run = Run(model, guide, svi, kw, enc, cfg.max_iters)
     while len(_RUNS) >= 2:
@@ -873,7 +876,8 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--natural-step", default=defaults.natural_step,
                        choices=NATURAL_STEPS,
                        help="q(theta) step: SGD on the unconstrained coordinates (linear, "
-                            "default) or landing exactly on eta - lr * natgrad (exact)")
+                            "default), landing exactly on eta - lr * natgrad (exact), or SGD "
+                            "with the exact step where SGD overshoots it (guarded)")
         q.add_argument("--max-iters", type=int, default=defaults.max_iters,
                        help="mean-field block updates per step")
         q.add_argument("--window", type=int, default=defaults.window,

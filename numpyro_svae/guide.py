@@ -563,7 +563,8 @@ class SVAEGuide:
         tau_mu = jnp.einsum("...ij,...j->...i", prec, loc)
         return NIWStats(-0.5 * prec, tau_mu, -0.5 * jnp.sum(loc * tau_mu, -1), half_logdet)
 
-    def retract(self, params: dict, updates: dict, *, max_halvings: int = 8) -> dict:
+    def retract(self, params: dict, updates: dict, *, max_halvings: int = 8,
+                guarded: bool = False) -> dict:
         """Turn SGD updates of the q(theta) parameters into exact natural-parameter steps.
 
         Natural-gradient SGD moves the unconstrained coordinates ``u`` along a straight line,
@@ -588,6 +589,11 @@ class SVAEGuide:
             left alone.
         max_halvings : int
             Halvings tried after the full step.
+        guarded : bool
+            Keep the SGD update itself for every factor (per regime) where the straight line
+            ``u + du`` is a usable approximation of the exact step, and take the exact step
+            only where it is not (it lands farther from the exact step's end point than the
+            current point is; :func:`numpyro_svae.expfam.natgrad.natural_retract`).
 
         Returns
         -------
@@ -622,10 +628,13 @@ class SVAEGuide:
                 raise ValueError(f"SVAEGuide.retract: `params` lacks the q(theta) sites {missing}")
             u = cls(*(params[k] for k in keys))
             du = cls(*(updates[k] for k in keys))
-            u_new, _ = steps[name](u, du, max_halvings=max_halvings,
+            u_new, _ = steps[name](u, du, max_halvings=max_halvings, guarded=guarded,
                                    **self._ridges(name, blk))
-            for k, new, old in zip(keys, u_new, u, strict=True):
-                out[k] = (new - old).astype(jnp.result_type(updates[k]))
+            for k, new, old, d in zip(keys, u_new, u, du, strict=True):
+                step = new - old
+                if guarded:  # a kept straight-line step passes through bit for bit
+                    step = jnp.where(new == old + d, d, step)
+                out[k] = step.astype(jnp.result_type(updates[k]))
         return out
 
     def qtheta_standard(self, eta: dict) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import optax
 
-__all__ = ["QTHETA_PREFIX", "natural_gradient"]
+__all__ = ["NATURAL_STEPS", "QTHETA_PREFIX", "natural_gradient"]
 
 QTHETA_PREFIX = "qtheta$"
 """Common prefix of the :func:`numpyro.param` sites holding q(theta) (see `SVAEGuide`)."""
@@ -40,8 +40,13 @@ def _labels(params: Any, prefix: str) -> Any:
     return out
 
 
-def _exact_natural_step(guide) -> optax.GradientTransformation:
-    """Map SGD updates of q(theta) to exact natural-parameter steps (``guide.retract``)."""
+NATURAL_STEPS = ("linear", "exact", "guarded")
+"""`natural_gradient(natural_step=...)`: how a q(theta) SGD update becomes a step."""
+
+
+def _exact_natural_step(guide, guarded: bool = False) -> optax.GradientTransformation:
+    """Map SGD updates of q(theta) to exact natural-parameter steps (``guide.retract``); with
+    ``guarded``, only where the straight-line step is not usable."""
 
     def init(params):
         del params
@@ -52,6 +57,8 @@ def _exact_natural_step(guide) -> optax.GradientTransformation:
             raise ValueError(
                 "natural_gradient(guide=...) needs the parameters in `update(grads, state, "
                 "params)` (numpyro.infer.SVI passes them)")
+        if guarded:
+            return guide.retract(params, updates, guarded=True), state
         return guide.retract(params, updates), state
 
     return optax.GradientTransformation(init, update)
@@ -65,6 +72,7 @@ def natural_gradient(
     prefix: str = QTHETA_PREFIX,
     momentum: float | None = None,
     guide: Any = None,
+    natural_step: str | None = None,
 ) -> optax.GradientTransformation:
     """Optimizer for SVAEs: natural-gradient SGD on q(theta), `other` on everything else.
 
@@ -93,6 +101,16 @@ def natural_gradient(
         halved.  Without it (the default, as in the research code) the step is plain SGD on
         the unconstrained coordinates.  The guide must be the one passed to ``SVI`` and use
         natural gradients.
+    natural_step : {"linear", "exact", "guarded"}, optional
+        How an SGD update of q(theta) becomes a step: ``"linear"``, the straight line in the
+        unconstrained coordinates (no `guide` needed); ``"exact"``, the exact
+        natural-parameter step (:meth:`SVAEGuide.retract`); ``"guarded"``, the straight
+        line wherever it is a usable approximation of the exact step, and the exact step for
+        a factor (per regime) where it is not (its end point is farther from the exact
+        step's end point than the current point is: the overshoot near a softplus floor,
+        where one straight-line step can multiply a concentration by 10^8).  ``"exact"``
+        and ``"guarded"`` need `guide`.  Default: ``"exact"`` when `guide` is given,
+        ``"linear"`` otherwise.
 
     Returns
     -------
@@ -102,7 +120,8 @@ def natural_gradient(
     Raises
     ------
     ValueError
-        Neither or both of `natgrad_lr` / `schedule`; a non-positive rate; a `guide` whose
+        Neither or both of `natgrad_lr` / `schedule`; a non-positive rate; an unknown
+        `natural_step`, or ``"exact"`` / ``"guarded"`` without `guide`; a `guide` whose
         prefix differs from `prefix` or that has ``natural_gradients=False``; at ``init``,
         when no parameter name starts with `prefix` (the message lists both).
     TypeError
@@ -132,6 +151,16 @@ def natural_gradient(
             f"{type(other).__name__}")
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"`prefix` must be a non-empty str; got {prefix!r}")
+    if natural_step is None:
+        natural_step = "linear" if guide is None else "exact"
+    if natural_step not in NATURAL_STEPS:
+        raise ValueError(f"`natural_step` must be one of {', '.join(NATURAL_STEPS)}; got "
+                         f"{natural_step!r}")
+    if natural_step != "linear" and guide is None:
+        raise ValueError(f"natural_step={natural_step!r} needs the guide: "
+                         "natural_gradient(..., guide=guide)")
+    if natural_step == "linear":
+        guide = None  # plain SGD on the unconstrained coordinates
     if guide is not None:
         if not callable(getattr(guide, "retract", None)):
             raise TypeError(
@@ -149,5 +178,5 @@ def natural_gradient(
     lr = natgrad_lr if schedule is None else schedule
     nat = optax.sgd(lr, momentum=momentum)
     if guide is not None:
-        nat = optax.chain(nat, _exact_natural_step(guide))
+        nat = optax.chain(nat, _exact_natural_step(guide, natural_step == "guarded"))
     return optax.partition({_NATGRAD: nat, _OTHER: other}, lambda p: _labels(p, prefix))

@@ -275,7 +275,7 @@ def test_switching_init_options_are_checked_before_anything_runs(tmp_path, capsy
 
 def test_natural_step_is_checked_also_for_configs_built_in_code():
     cli._check_config(cli.FitConfig(natural_step="exact"))
-    with pytest.raises(cli.CLIError, match="--natural-step must be one of linear, exact; "
+    with pytest.raises(cli.CLIError, match="--natural-step must be one of linear, exact, guarded; "
                                            "got 'exactly'"):
         cli._check_config(cli.FitConfig(natural_step="exactly"))
 
@@ -334,9 +334,10 @@ def test_natgrad_schedule_decays_over_the_run_steps_and_not_in_the_init_stage(
 
 @pytest.mark.slow  # ~60 s on a loaded 2-core machine: an LDS-SVAE, an AR-HMM, an SLDS-SVAE
 def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypatch):
-    """`fit --init arhmm --freeze-networks --natural-step exact`: the initialisation runs
-    once (not on resume), its summary is reported, and the SLDS steps (exact
-    natural-parameter steps) move q(theta) but not the networks.
+    """`fit --init arhmm --freeze-networks --natural-step guarded`: the initialisation runs
+    once (not on resume), its summary is reported, and the SLDS steps (SGD steps guarded by
+    the exact natural-parameter step, `SVAEGuide.retract(guarded=True)`) move q(theta) but
+    not the networks.
 
     The held-out evaluation and run-folder outputs are those of every `fit` (tested end to
     end above); here they are replaced by a stub that records the metrics, which keeps this
@@ -367,7 +368,7 @@ def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypat
     opts = ["--dataset", str(data), "--K", "2", "--D", "2", "--hidden", "8",
             "--max-iters", "2", "--fast", "--no-progress", "--out", str(out),
             "--init", "arhmm", "--init-steps", "4", "--freeze-networks",
-            "--natural-step", "exact"]
+            "--natural-step", "guarded"]
     assert cli.main(["fit", "--steps", "2", *opts]) == 0
     capsys.readouterr()
     m1 = written[-1]
@@ -375,8 +376,8 @@ def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypat
     assert np.isfinite(m1["init_final_loss"])
     cfg = cli.FitConfig(**json.loads((out / "checkpoint.json").read_text())["config"])
     assert (cfg.init, cfg.init_steps, cfg.freeze_networks) == ("arhmm", 4, True)
-    assert cfg.natural_step == "exact"
-    # both stages (LDS-SVAE, SLDS-SVAE) step exactly: their own guide goes to the optimizer
+    assert cfg.natural_step == "guarded"
+    # both stages (LDS-SVAE, SLDS-SVAE) are guarded: their own guide goes to the optimizer
     assert len(built) == 2 and all(g is not None for g in built)
     d = cli.load_data(cfg)
     n, t = d.train_x.shape[:2]  # every step of the training latents is segmented
@@ -384,10 +385,10 @@ def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypat
     assert sum(m1["init_transitions_per_regime"]) == n * (t - 1)
     report = cli._report(cfg, d, dict(m1, train_seconds=1.0), [], 1.0)
     assert "init=arhmm (init_steps=4, freeze_networks=True)" in report
-    assert "natural_step=exact" in report
+    assert "natural_step=guarded" in report
     # resuming with the other step is refused before anything runs
     code, err = _run(capsys, ["fit", "--resume", "--steps", "4", *opts[:-1], "linear"])
-    assert code == 2 and "natural_step: checkpoint 'exact' vs now 'linear'" in err, err
+    assert code == 2 and "natural_step: checkpoint 'guarded' vs now 'linear'" in err, err
 
     run = cli.build(cfg, d)  # the command's own (cached) run
     template = run.template(cfg.seed, d.train_x)

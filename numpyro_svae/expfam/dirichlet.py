@@ -208,6 +208,7 @@ def dirichlet_retract(
     *,
     min_concentration: float = 0.01,
     max_halvings: int = 8,
+    guarded: bool = False,
 ) -> tuple[DirichletUnconstrained, Array]:
     """Exact natural-coordinate version of the SGD step ``u + du`` (``eta = alpha - 1`` is
     linear, so the step is ``alpha + dalpha``, halved while ``alpha <= min_concentration``;
@@ -221,4 +222,5 @@ def dirichlet_retract(
         natural_step=lambda s, d: DirichletStandard(s.alpha + d.alpha),
         batch_ndim=jnp.ndim(u.u) - 1,
         max_halvings=max_halvings,
+        guarded=guarded,
     )

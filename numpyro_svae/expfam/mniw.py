@@ -512,6 +512,7 @@ def mniw_retract(
     jitter_V: float = 1e-3,
     dof_eps: float = 1e-6,
     max_halvings: int = 8,
+    guarded: bool = False,
 ) -> tuple[MNIWUnconstrained, Array]:
     """Exact natural-coordinate version of the SGD step ``u + du`` (see
     :func:`numpyro_svae.expfam.natgrad.natural_retract`); the ridges must be those of the
@@ -523,4 +524,5 @@ def mniw_retract(
         natural_step=mniw_natural_step,
         batch_ndim=jnp.ndim(u.nu_raw),
         max_halvings=max_halvings,
+        guarded=guarded,
     )

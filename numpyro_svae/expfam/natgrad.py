@@ -278,6 +278,7 @@ def natural_retract(
     natural_step: Callable[[PyTree, PyTree], PyTree],
     batch_ndim: int,
     max_halvings: int = 8,
+    guarded: bool = False,
 ) -> tuple[PyTree, Array]:
     """Take the step ``du`` in natural coordinates exactly and map it back to ``u``.
 
@@ -310,12 +311,24 @@ def natural_retract(
         Number of leading batch axes (``0`` for a single factor, ``1`` for ``[K, ...]``).
     max_halvings : int
         Number of halvings tried after the full step.
+    guarded : bool
+        Keep the straight-line step ``u + du`` (plain SGD on ``u``, the research code's
+        rule) for every batch element where it is a usable approximation of the exact step,
+        and take the exact step only where it is not: where ``u + du`` lands farther from
+        the exact step's end point than the start point is from it (distances in standard
+        coordinates, each entry scaled by ``1 + |std|`` at the start), or on a non-finite
+        point.  This catches the straight line's overshoot where the map bends: near the
+        softplus floor of a concentration or degree of freedom the first-order step in
+        ``u`` grows like ``1 / (alpha - floor)`` (session 14: one mocap6 step took a
+        Dirichlet concentration from 0.6 to 1.4e8).
 
     Returns
     -------
     tuple
         ``(u_new, t)``: the new coordinates (strict upper triangles of raw matrices zero, as
-        ``to_unconstrained`` returns them) and ``t [*batch]``, the fraction of the step taken.
+        ``to_unconstrained`` returns them, where the exact step was taken) and
+        ``t [*batch]``, the fraction of the exact step taken (``1`` where ``guarded`` kept the
+        straight-line step).
     """
     std, dstd = jax.jvp(to_standard, (u,), (du,))
     dtype = jax.tree.leaves(u)[0].dtype
@@ -338,7 +351,28 @@ def natural_retract(
         return jnp.where(keep, chosen, old)
 
     u_new = jax.tree.map(pick, cands, u)
-    return u_new, jnp.where(any_valid, ts[first], 0.0)
+    t = jnp.where(any_valid, ts[first], 0.0)
+    if not guarded:
+        return u_new, t
+    u_lin = jax.tree.map(jnp.add, u, du)
+    s_lin, s_ex = to_standard(u_lin), to_standard(u_new)
+
+    def sq(a, b, ref):  # squared scaled distance per batch element
+        d = (a - b) / (1.0 + jnp.abs(ref))
+        return jnp.sum(d * d, axis=tuple(range(batch_ndim, d.ndim)))
+
+    def total(a, b):
+        return sum(jax.tree.leaves(jax.tree.map(sq, a, b, std)))
+
+    miss, step = total(s_lin, s_ex), total(s_ex, std)  # [*batch] each
+    # `<=` is False for NaN: a non-finite straight-line end point takes the exact step
+    keep = miss <= step
+
+    def choose(lin, ex):
+        k = keep.reshape(keep.shape + (1,) * (lin.ndim - batch_ndim))
+        return jnp.where(k, lin, ex)
+
+    return jax.tree.map(choose, u_lin, u_new), jnp.where(keep, 1.0, t)
 
 
 # ----------------------------------------------------------------------------------------

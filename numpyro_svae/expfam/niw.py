@@ -477,6 +477,7 @@ def niw_retract(
     jitter: float = 1e-6,
     dof_eps: float = 1e-6,
     max_halvings: int = 8,
+    guarded: bool = False,
 ) -> tuple[NIWUnconstrained, Array]:
     """Exact natural-coordinate version of the SGD step ``u + du`` (see
     :func:`numpyro_svae.expfam.natgrad.natural_retract`).  Returns ``(u_new, t [...])``."""
@@ -487,4 +488,5 @@ def niw_retract(
         natural_step=niw_natural_step,
         batch_ndim=jnp.ndim(u.nu_raw),
         max_halvings=max_halvings,
+        guarded=guarded,
     )

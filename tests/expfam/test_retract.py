@@ -184,3 +184,50 @@ def test_mniw_retract_float32_where_natural_parameters_lose_S():
     eta, deta = jax.jvp(_std_to_eta, (std32,), (d32,))
     S_nat = np.asarray(E.mniw_to_standard(jax.tree.map(jnp.add, eta, deta)).S, np.float64)
     assert not np.max(np.abs(S_nat - S_ref)) <= 0.1 * np.max(np.abs(S_ref))
+
+
+@pytest.mark.parametrize("family", ["mniw", "niw", "dirichlet"])
+def test_guarded_step_keeps_the_straight_line_where_it_is_accurate(family):
+    """Small steps: ``guarded=True`` returns ``u + du`` itself (bit for bit), ``t = 1``."""
+    with jax.enable_x64(True):
+        u, du, *_ = _u_and_grad_to_target(family, np.random.default_rng(4), 1e-2)
+        retract = {"mniw": lambda v, d, **k: mniw_retract(v, d, **MNIW_OPTS, **k),
+                   "niw": niw_retract, "dirichlet": dirichlet_retract}[family]
+        u_new, t = retract(u, du, guarded=True)
+        np.testing.assert_array_equal(np.asarray(t), 1.0)
+        for a, b in zip(jax.tree.leaves(u_new), jax.tree.leaves(jax.tree.map(jnp.add, u, du)),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_guarded_step_takes_the_exact_step_where_the_straight_line_overshoots(dtype):
+    """The mocap6 failure (session 14): a concentration at its softplus floor that the
+    natural gradient pushes up.  SGD on ``u`` moves ``u`` by ``dalpha / sigmoid(u)``, so
+    ``alpha`` jumps from ~0 to ~1e7; the exact step adds ``dalpha``.  The guard takes the
+    exact step for that row only and keeps the straight line for the healthy row."""
+    with jax.enable_x64(dtype == jnp.float64):
+        floor = 0.01
+        u = E.DirichletUnconstrained(jnp.asarray([[-18.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype))
+        dalpha = jnp.asarray([[0.3, -0.1, 0.0], [0.2, -0.2, 0.1]], dtype)  # natural step
+        du = E.DirichletUnconstrained(dalpha / jax.nn.sigmoid(u.u))  # first-order SGD step
+        alpha = lambda v: jax.nn.softplus(v.u) + floor
+        lin = alpha(E.DirichletUnconstrained(u.u + du.u))
+        assert float(lin[0, 0]) > 1e6  # the straight line overshoots by seven orders
+        ex, t_ex = dirichlet_retract(u, du, min_concentration=floor)
+        got, t = dirichlet_retract(u, du, min_concentration=floor, guarded=True)
+        np.testing.assert_array_equal(np.asarray(t), 1.0)
+        np.testing.assert_allclose(alpha(got)[0], alpha(u)[0] + dalpha[0],
+                                   rtol=1e-5 if dtype == jnp.float32 else 1e-10)
+        np.testing.assert_array_equal(got.u[0], ex.u[0])
+        np.testing.assert_array_equal(got.u[1], u.u[1] + du.u[1])  # healthy row: SGD
+        assert got.u.dtype == dtype
+
+
+def test_guarded_step_takes_the_exact_step_for_a_non_finite_straight_line():
+    with jax.enable_x64(True):
+        u = E.DirichletUnconstrained(jnp.asarray([[1.0, 2.0]]))
+        du = E.DirichletUnconstrained(jnp.asarray([[jnp.inf, 0.0]]))
+        got, _ = dirichlet_retract(u, du, guarded=True)
+        ex, _ = dirichlet_retract(u, du)
+        np.testing.assert_array_equal(got.u, ex.u)

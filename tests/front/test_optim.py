@@ -113,3 +113,31 @@ def test_natural_gradient_with_guide_errors():
     p = _params()
     with pytest.raises(ValueError, match="params"):
         opt.update(jax.tree.map(jnp.ones_like, p), opt.init(p))
+
+
+def test_natural_step_chooses_the_retraction():
+    """``natural_step``: "linear" never calls the guide, "exact" calls ``retract(params,
+    updates)``, "guarded" calls it with ``guarded=True``; the default follows `guide`."""
+
+    class Recording(_DoublingGuide):
+        def retract(self, params, updates, **kw):
+            self.kw = kw
+            return super().retract(params, updates)
+
+    p = _params()
+    grads = jax.tree.map(jnp.ones_like, p)
+    for step, want in (("exact", {}), ("guarded", {"guarded": True}), (None, {})):
+        g = Recording()
+        opt = natural_gradient(natgrad_lr=0.5, guide=g, natural_step=step)
+        upd, _ = opt.update(grads, opt.init(p), p)
+        assert g.kw == want, step
+        np.testing.assert_allclose(upd[f"{QTHETA_PREFIX}niw.m"], -1.0)
+    g = Recording()
+    opt = natural_gradient(natgrad_lr=0.5, guide=g, natural_step="linear")
+    upd, _ = opt.update(grads, opt.init(p), p)
+    assert not g.seen and not hasattr(g, "kw")
+    np.testing.assert_allclose(upd[f"{QTHETA_PREFIX}niw.m"], -0.5)  # plain SGD
+    with pytest.raises(ValueError, match="natural_step='guarded' needs the guide"):
+        natural_gradient(natgrad_lr=0.5, natural_step="guarded")
+    with pytest.raises(ValueError, match="must be one of linear, exact, guarded; got 'cubic'"):
+        natural_gradient(natgrad_lr=0.5, guide=Recording(), natural_step="cubic")
