@@ -34,15 +34,16 @@ regression weights) turns non-finite with ``K = 12`` (and with ``K = 8`` in floa
   segmentation with ``init_pseudo_count``, networks carried over; this is the command's
   ``fit --init arhmm``, ``numpyro_svae.cli.switching_start``) and then trains
   ``final_steps`` steps, the networks fixed when ``freeze_networks``
-  (``--freeze-networks``); ``natural_step`` is the command's ``--natural-step``
-  (``linear``: SGD on the unconstrained coordinates; ``exact``: natural-parameter steps,
-  ``--natural-step exact`` here; session 11 compared both over three seeds on mocap6,
-  docs/benchmarks.md); ``natgrad_schedule`` is the command's ``--natgrad-schedule``
-  for the SLDS row (``cosine``: the natural-gradient rate decays to 0 over the SLDS steps;
-  mocap6's recipe since session 13, better on average over three seeds but not in every
-  run, docs/benchmarks.md; the LDS-SVAE row keeps the constant rate, as the switching
-  initialisation's first stage does; BasicMotions, trained from a random start for 250
-  steps, keeps ``constant``);
+  (``--freeze-networks``); ``natural_step`` is the command's ``--natural-step`` (``linear``: SGD
+  on the unconstrained coordinates; ``exact``: natural-parameter steps, ``--natural-step exact``
+  here; session 11 compared both over three seeds on mocap6, docs/benchmarks.md; ``guarded``: the
+  linear step, with the exact step for a factor where the straight line overshoots it, mocap6's
+  rule since session 14, in both SVAE stages and the LDS-SVAE row, docs/design.md; BasicMotions
+  keeps ``linear``); ``natgrad_schedule`` is the command's ``--natgrad-schedule`` for the SLDS row
+  (``cosine``: the natural-gradient rate decays to 0 over the SLDS steps; mocap6's recipe since
+  session 13, better on average over three seeds but not in every run, docs/benchmarks.md; the
+  LDS-SVAE row keeps the constant rate, as the switching initialisation's first stage does;
+  BasicMotions, trained from a random start for 250 steps, keeps ``constant``);
 * ``arhmm`` / ``gaussian_hmm``: ``numpyro_svae.baselines`` (dynamax 1.0.3 linear AR(1)-HMM and
   full-covariance Gaussian HMM, MAP-EM from k-means, ``EM_ITERS`` iterations);
 * ``interpolation``: linear interpolation across each gap (imputation only).
@@ -102,7 +103,7 @@ CONFIG = {
                    natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1, gaps_per_seq=5,
                    kl_warmup_steps=250, kl_warmup_weight=0.1,
                    init="arhmm", init_pseudo_count=1.0, final_steps=500, freeze_networks=True,
-                   impute_restarts=16, natural_step="linear", natgrad_schedule="cosine",
+                   impute_restarts=16, natural_step="guarded", natgrad_schedule="cosine",
                    test_trial="14_14"),
     "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
                           natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
@@ -492,8 +493,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="networks, training keys, AR-HMM start and gaps (default 0)")
     p.add_argument("--natural-step", choices=cli.NATURAL_STEPS, default=None,
-                   help="SVAEs' q(theta) step (default: CONFIG's, linear); the command's "
-                        "--natural-step")
+                   help="SVAEs' q(theta) step (default: CONFIG's: mocap6 guarded, "
+                        "BasicMotions linear); the command's --natural-step")
     p.add_argument("--test-trial", choices=MOCAP6_TEST_TRIALS, default=None,
                    help="mocap6's held-out trial (default: CONFIG's, 14_14); the others "
                         "offered are those whose exercises all occur in the remaining five")
