@@ -320,7 +320,7 @@ def natural_retract(
         point.  This catches the straight line's overshoot where the map bends: near the
         softplus floor of a concentration or degree of freedom the first-order step in
         ``u`` grows like ``1 / (alpha - floor)`` (session 14: one mocap6 step took a
-        Dirichlet concentration from 0.6 to 1.4e8).
+        Dirichlet concentration from its floor to 1.9e8).
 
     Returns
     -------
