@@ -41,7 +41,9 @@ __all__ = ["main", "FitConfig", "CLIError"]
 CHECKPOINT_VERSION = 1
 NATURAL_STEPS = ("linear", "exact", "guarded")
 """`FitConfig.natural_step`: SGD on the unconstrained coordinates, exact natural steps, or SGD
-with the exact step where the straight line overshoots (`natural_gradient(natural_step=)`)."""
+with the exact step where the straight line overshoots.  The same tuple as
+`numpyro_svae.optim.NATURAL_STEPS`, repeated so that the command checks its options before
+JAX is imported (a test checks they agree)."""
 NATGRAD_SCHEDULES = ("constant", "cosine")
 """`FitConfig.natgrad_schedule`: a constant natural-gradient rate, or a cosine decay from
 ``natgrad_lr`` to 0 over the run's ``steps`` (see `natgrad_rate`)."""

@@ -274,6 +274,9 @@ def test_switching_init_options_are_checked_before_anything_runs(tmp_path, capsy
 
 
 def test_natural_step_is_checked_also_for_configs_built_in_code():
+    from numpyro_svae import optim
+
+    assert cli.NATURAL_STEPS == optim.NATURAL_STEPS
     cli._check_config(cli.FitConfig(natural_step="exact"))
     with pytest.raises(cli.CLIError, match="--natural-step must be one of linear, exact, guarded; "
                                            "got 'exactly'"):

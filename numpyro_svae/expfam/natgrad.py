@@ -335,12 +335,14 @@ def natural_retract(
     ts = 2.0 ** -jnp.arange(max_halvings + 1, dtype=dtype)  # [H]
 
     def candidate(t):
-        new = to_unconstrained(natural_step(std, jax.tree.map(lambda d: t * d, dstd)))
+        s_new = natural_step(std, jax.tree.map(lambda d: t * d, dstd))
+        new = to_unconstrained(s_new)
         ok = [jnp.all(jnp.isfinite(x), axis=tuple(range(batch_ndim, x.ndim)))
               for x in jax.tree.leaves(new)]
-        return new, jnp.all(jnp.stack(ok), axis=0)
+        return new, s_new, jnp.all(jnp.stack(ok), axis=0)
 
-    cands, valid = jax.vmap(candidate)(ts)  # leaves [H, *batch, ...]; valid [H, *batch]
+    # leaves [H, *batch, ...]; valid [H, *batch]
+    cands, std_cands, valid = jax.vmap(candidate)(ts)
     first = jnp.argmax(valid, axis=0)  # [*batch]: the largest valid step
     any_valid = jnp.any(valid, axis=0)
 
@@ -355,7 +357,8 @@ def natural_retract(
     if not guarded:
         return u_new, t
     u_lin = jax.tree.map(jnp.add, u, du)
-    s_lin, s_ex = to_standard(u_lin), to_standard(u_new)
+    # the exact end point in standard form is the chosen candidate's (the start if none)
+    s_lin, s_ex = to_standard(u_lin), jax.tree.map(pick, std_cands, std)
 
     def sq(a, b, ref):  # squared scaled distance per batch element
         d = (a - b) / (1.0 + jnp.abs(ref))
