@@ -233,7 +233,9 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
                          # the SLDS row only: the LDS-SVAE row stays the switching
                          # initialisation's first stage (constant rate, `init_stage_config`)
                          natgrad_schedule=cfg["natgrad_schedule"] if family == "slds"
-                         else "constant")
+                         else "constant",
+                         # the SLDS row only (q(k) of one regime is trivial)
+                         warm_start=bool(cfg.get("warm_start")) and family == "slds")
     timing = {}
     t0 = time.time()
     switching = family == "slds" and cfg.get("init") == "arhmm"
@@ -503,11 +505,17 @@ def main(argv=None) -> int:
                         "mocap6 cosine, BasicMotions constant); the command's "
                         "--natgrad-schedule (after the switching initialisation: the SLDS "
                         "steps only; the LDS-SVAE row keeps the constant rate)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="SLDS-SVAE: the command's --warm-start (q(k) carried from step to "
+                        "step; after the switching initialisation seeded by its "
+                        "segmentation)")
     args = p.parse_args(argv)
-    changed = (args.natural_step, args.natgrad_schedule, args.test_trial) != (None,) * 3
+    changed = (args.natural_step, args.natgrad_schedule, args.test_trial) != (None,) * 3 \
+        or args.warm_start
     if (args.seed != DEFAULT_SEED or changed) and not (args.out or args.fast):
         # real.json holds the default recipe's rows; other seeds and steps go elsewhere
-        p.error("--seed / --natural-step / --natgrad-schedule / --test-trial need --out "
+        p.error("--seed / --natural-step / --natgrad-schedule / --test-trial / --warm-start "
+                "need --out "
                 f"(bench/results/real.json holds the seed-{DEFAULT_SEED} rows of CONFIG's "
                 "recipe)")
     SEED = args.seed
@@ -516,6 +524,8 @@ def main(argv=None) -> int:
             c["natural_step"] = args.natural_step
         if args.natgrad_schedule is not None:
             c["natgrad_schedule"] = args.natgrad_schedule
+        if args.warm_start:
+            c["warm_start"] = True
     if args.test_trial is not None:
         CONFIG["mocap6"]["test_trial"] = args.test_trial
     for c in CONFIG.values():

@@ -75,6 +75,7 @@ class FitConfig:
     freeze_networks: bool = False  # networks fixed after the switching initialisation
     natural_step: str = "linear"  # "linear" (SGD on u) | "exact" | "guarded" (need the guide)
     natgrad_schedule: str = "constant"  # "constant" | "cosine" (decay to 0 over `steps`)
+    warm_start: bool = False  # slds: q(k) carried from step to step (seeded by --init arhmm)
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the checkpoint."""
@@ -352,7 +353,8 @@ def build(cfg: FitConfig, data: Data) -> Run:
         kw["K"] = cfg.K
     enc = nn.GaussianPotentialEncoder(obs_dim=Dx, latent_dim=cfg.D, hidden=hidden,
                                       key=jax.random.key(cfg.seed + 1))
-    guide = SVAEGuide(model, encoder=enc, max_iters=cfg.max_iters)
+    guide = SVAEGuide(model, encoder=enc, max_iters=cfg.max_iters,
+                      warm_start=cfg.warm_start)
     # frozen networks: zero updates (the optimizer state differs from Adam's; a resume
     # with the other setting is refused by the configuration check before it is read)
     other = optax.set_to_zero() if cfg.freeze_networks else optax.adam(cfg.lr)
@@ -512,7 +514,8 @@ def init_stage_config(cfg: FitConfig) -> FitConfig:
     steps, networks trained, and a constant natural-gradient rate (``--natgrad-schedule``
     applies to the SLDS steps that follow)."""
     return dataclasses.replace(cfg, family="lds", K=1, init="random", freeze_networks=False,
-                               steps=cfg.init_steps, natgrad_schedule="constant")
+                               steps=cfg.init_steps, natgrad_schedule="constant",
+                               warm_start=False)
 
 
 def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = True,
@@ -529,6 +532,9 @@ def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = Tr
     2. `numpyro_svae.initialize.arhmm_init` fits an AR(1)-HMM with ``cfg.K`` regimes to the
        LDS-SVAE's latent means and sets q(theta) of the SLDS from the Viterbi segmentation
        (``pseudo_count``); the encoder, decoder and initial-state factor are carried over.
+    3. With ``cfg.warm_start`` the SLDS guide's q(k) warm-start state is set to that
+       segmentation (`numpyro_svae.initialize.qk_from_segmentation`), so the first SLDS
+       step's mean field starts from it instead of a random q(k).
 
     Returns ``(state, info)``: the SLDS SVI state and a JSON-ready summary (``init_*``:
     the LDS-SVAE's steps, warm-up and last loss, frames and transitions per regime).
@@ -536,7 +542,8 @@ def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = Tr
     """
     import jax
 
-    from .initialize import arhmm_init
+    from .guide import WARM_START_SITE
+    from .initialize import arhmm_init, qk_from_segmentation
 
     lds_cfg = init_stage_config(cfg)
     run1 = build(lds_cfg, data)
@@ -563,6 +570,11 @@ def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = Tr
     except ValueError as e:
         raise CLIError(f"--init arhmm failed: {e}") from None
     state = run.init(cfg.seed, data.train_x, init_params=init.params)
+    if cfg.warm_start:
+        mutable = dict(state.mutable_state)
+        mutable[WARM_START_SITE] = qk_from_segmentation(
+            run.guide, init.regimes, model_args=(data.train_x,), model_kwargs=run.model_kwargs)
+        state = state._replace(mutable_state=mutable)
     info = {"init": "arhmm", "init_steps": cfg.init_steps, "init_warmup_steps": warm,
             "init_warmup_weight": warmup_weight, "init_pseudo_count": pseudo_count,
             "init_final_loss": _last_finite(losses1),
@@ -750,6 +762,7 @@ def _report(cfg: FitConfig, data: Data, m: dict, plots: list, seconds: float) ->
         f"natgrad_lr={cfg.natgrad_lr}, natgrad_schedule={cfg.natgrad_schedule}, "
         f"natural_step={cfg.natural_step}, "
         f"max_iters={cfg.max_iters}"
+        + (", warm_start=True" if cfg.warm_start else "")
         + (f", init={cfg.init} (init_steps={cfg.init_steps}, "
            f"freeze_networks={cfg.freeze_networks})" if cfg.init != "random" else ""),
         f"- data [sequences, steps, channels]: train {list(data.train_x.shape)}, held-out "
@@ -892,6 +905,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="--init arhmm: LDS-SVAE training steps")
         q.add_argument("--freeze-networks", action="store_true",
                        help="--init arhmm: keep the LDS-SVAE's encoder and decoder fixed")
+        q.add_argument("--warm-start", action="store_true",
+                       help="slds: start each step's mean field from the previous step's "
+                            "q(k) instead of a fresh random one (after --init arhmm: from "
+                            "the AR-HMM segmentation)")
         q.add_argument("--fast", action="store_true", help="fewer samples in evaluation")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -936,6 +953,9 @@ def _check_config(cfg: FitConfig) -> None:
     elif cfg.freeze_networks:
         raise CLIError("--freeze-networks needs --init arhmm (it keeps the initialisation's "
                        "trained networks; random networks would stay random)")
+    if cfg.warm_start and (cfg.family != "slds" or cfg.K < 2):
+        raise CLIError(f"--warm-start needs --family slds with --K >= 2 (got family "
+                       f"{cfg.family}, K = {cfg.K}): it carries the switching chain's q(k)")
 
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised by hand
@@ -999,7 +1019,7 @@ def _main(args) -> int:
             natgrad_lr=args.natgrad_lr, max_iters=args.max_iters, fast=args.fast,
             init=args.init, init_steps=args.init_steps, freeze_networks=args.freeze_networks,
             window=args.window, natural_step=args.natural_step,
-            natgrad_schedule=args.natgrad_schedule)
+            natgrad_schedule=args.natgrad_schedule, warm_start=args.warm_start)
         _check_config(cfg)
         out = pathlib.Path(args.out)
         resume = getattr(args, "resume", False)

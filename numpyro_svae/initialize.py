@@ -35,7 +35,7 @@ from numpyro_svae.expfam.mniw import MNIWStandard, mniw_to_unconstrained
 
 Array = jax.Array
 
-__all__ = ["SwitchingInit", "qtheta_from_segmentation", "arhmm_init"]
+__all__ = ["SwitchingInit", "qtheta_from_segmentation", "qk_from_segmentation", "arhmm_init"]
 
 
 class SwitchingInit(NamedTuple):
@@ -194,6 +194,67 @@ def qtheta_from_segmentation(
         ud = dirichlet_to_unconstrained(DirichletStandard(jnp.asarray(alpha, f)))
         out[f"{guide.prefix}{name}.u"] = ud.u
     return out
+
+
+def qk_from_segmentation(
+    guide,
+    regimes,
+    *,
+    model_args: tuple = (),
+    model_kwargs: dict | None = None,
+    smoothing: float = 0.01,
+) -> dict:
+    """The q(k) warm-start state of an SLDS guide set to a hard segmentation.
+
+    With ``SVAEGuide(warm_start=True)`` each training step starts the mean field from the
+    previous step's q(k), kept in ``svi_state.mutable_state[WARM_START_SITE]``; ``SVI.init``
+    leaves it empty (the first step then starts at random).  Putting this state there
+    instead starts the first step from the segmentation that q(theta) was built from
+    (`qtheta_from_segmentation`, `arhmm_init`), so that q(k) and q(theta) begin consistent
+    and later steps continue from there rather than from a fresh random q(k).
+
+    Parameters
+    ----------
+    guide : SVAEGuide
+        The guide of an SLDS model (structure discovered from ``model_args`` /
+        ``model_kwargs`` if it has not been called yet).
+    regimes : array [N, T] int
+        Regime of each step in ``0 .. K-1``, as for `qtheta_from_segmentation` (the chain is
+        ``regimes[:, 1:]`` for a model with one regime per transition).
+    model_args, model_kwargs
+        The model's arguments (as passed to ``SVI.init``).
+    smoothing : float
+        ``q = (1 - smoothing) onehot + smoothing / K`` (in ``[0, 1)``), so that no regime
+        starts with probability exactly zero.
+
+    Returns
+    -------
+    dict
+        ``{"marginals": [N, Tk, K], "valid": [N] bool}`` in the guide's float type, the value
+        of the ``WARM_START_SITE`` entry of ``svi_state.mutable_state``.
+
+    Raises
+    ------
+    ValueError
+        Not an SLDS model; ``regimes`` of the wrong shape or out of range; ``smoothing``
+        outside ``[0, 1)``.
+    """
+    st = _structure(guide, model_args, model_kwargs)
+    K = st.K
+    r = np.asarray(regimes)
+    if r.shape != (st.N, st.T):
+        raise ValueError(f"`regimes` must have shape [N, T] = {[st.N, st.T]} (the model's "
+                         f"sequences and steps); got {list(r.shape)}")
+    Tk = st.T if st.leading_regime else st.T - 1
+    if not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= K:
+        raise ValueError(f"`regimes` must be integers in 0 .. {K - 1} (K = {K} regimes); got "
+                         f"values in [{r.min()}, {r.max()}]")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"`smoothing` must be in [0, 1); got {smoothing}")
+    chain = r[:, st.T - Tk:]  # [N, Tk]
+    q = (1.0 - smoothing) * np.eye(K)[chain] + smoothing / K
+    f = jnp.asarray(0.0).dtype  # the guide's float type (float64 under enable_x64)
+    return {"marginals": jnp.asarray(q, f), "valid": jnp.ones((st.N,), bool)}
 
 
 def arhmm_init(

@@ -159,27 +159,75 @@ def test_train_keeps_going_over_skipped_steps_and_stops_on_a_run_of_them():
                   progress=False)
 
 
-@pytest.mark.slow  # ~200 s on a loaded 2-core machine, mostly XLA compilation
-def test_fit_resume_evaluate_end_to_end(tmp_path, capsys):
+@pytest.mark.slow  # ~80 s on an idle 2-core machine: an LDS-SVAE, an AR-HMM, an SLDS-SVAE
+def test_fit_with_switching_init_resume_evaluate_end_to_end(tmp_path, capsys, monkeypatch):
+    """`fit --init arhmm --freeze-networks --natural-step guarded`, `fit --resume`, `evaluate`
+    on a tiny run (one process, so the compilations are shared).
+
+    The initialisation runs once (not on resume) and is reported; both stages' optimizers
+    get their guide (the guarded step, `SVAEGuide.retract(guarded=True)`); the SLDS steps move
+    q(theta) but not the frozen networks; incompatible resumes fail before anything runs;
+    the run folder (metrics, report, plots, ArviZ file) is complete; `evaluate` recomputes
+    the metrics; a corrupted checkpoint is one clear error line.  (One test instead of two
+    since session 15: a separate random-start run cost another SLDS compilation; the
+    random start of `fit` is the HMM test's below and the LDS stage's here.)"""
     import arviz as az
 
+    from numpyro_svae import optim
+
+    built, original = [], optim.natural_gradient  # the guide each stage's `build` passes
+
+    def recording(**kw):
+        built.append(kw.get("guide"))
+        return original(**kw)
+
+    monkeypatch.setattr(optim, "natural_gradient", recording)
     data = tmp_path / "tiny.npz"
     _tiny_data(data)
     out = tmp_path / "run"
     opts = ["--dataset", str(data), "--K", "2", "--D", "2", "--hidden", "8",
-            "--max-iters", "2", "--fast", "--no-progress", "--out", str(out)]
-
+            "--max-iters", "2", "--fast", "--no-progress", "--out", str(out),
+            "--init", "arhmm", "--init-steps", "4", "--freeze-networks", "--warm-start",
+            "--natural-step", "guarded"]
     assert cli.main(["fit", "--steps", "2", *opts]) == 0
     capsys.readouterr()
     meta1 = json.loads((out / "checkpoint.json").read_text())
     ck1 = _leaves(out)
     assert meta1["step"] == 2 and ck1["losses"].shape == (2,)
+    m1 = json.loads((out / "metrics.json").read_text())
+    assert m1["init"] == "arhmm" and m1["init_steps"] == 4 and m1["init_warmup_steps"] == 2
+    assert np.isfinite(m1["init_final_loss"])
+    cfg = cli.FitConfig(**meta1["config"])
+    assert (cfg.init, cfg.init_steps, cfg.freeze_networks) == ("arhmm", 4, True)
+    assert cfg.natural_step == "guarded" and cfg.warm_start
+    # both stages (LDS-SVAE, SLDS-SVAE) are guarded: their own guide goes to the optimizer
+    assert len(built) == 2 and all(g is not None for g in built)
+    d = cli.load_data(cfg)
+    n, t = d.train_x.shape[:2]  # every step of the training latents is segmented
+    assert sum(m1["init_frames_per_regime"]) == n * t
+    assert sum(m1["init_transitions_per_regime"]) == n * (t - 1)
 
-    # an incompatible resume fails fast (before any data or compilation) and changes nothing
+    # incompatible resumes fail fast (before any data or compilation) and change nothing
     code, err = _run(capsys, ["fit", "--resume", "--steps", "4", *opts[:2], "--K", "3",
                               *opts[4:]])
     assert code == 2 and "K: checkpoint 2 vs now 3" in err and err.count("\n") == 1
+    code, err = _run(capsys, ["fit", "--resume", "--steps", "4", *opts[:-1], "linear"])
+    assert code == 2 and "natural_step: checkpoint 'guarded' vs now 'linear'" in err, err
     assert json.loads((out / "checkpoint.json").read_text()) == meta1
+
+    run = cli.build(cfg, d)  # the command's own (cached) run
+    template = run.template(cfg.seed, d.train_x)
+    p1 = run.svi.get_params(cli.load_checkpoint(out, template, cfg)[0])
+    # --warm-start: the SLDS stage's q(k) starts from the AR-HMM segmentation (the stages
+    # again, in this process: compiled already; deterministic)
+    from numpyro_svae.guide import WARM_START_SITE
+
+    seeded = cli.switching_start(run, d, cfg, progress=False)[0].mutable_state[WARM_START_SITE]
+    q = np.asarray(seeded["marginals"])
+    assert np.asarray(seeded["valid"]).all()
+    np.testing.assert_allclose(q.max(-1), 0.99 + 0.01 / cfg.K, rtol=1e-6)
+    per = m1["init_frames_per_regime"] if q.shape[1] == t else m1["init_transitions_per_regime"]
+    np.testing.assert_array_equal(np.bincount(q.argmax(-1).ravel(), minlength=cfg.K), per)
 
     assert cli.main(["fit", "--resume", "--steps", "4", *opts]) == 0
     capsys.readouterr()
@@ -188,13 +236,16 @@ def test_fit_resume_evaluate_end_to_end(tmp_path, capsys):
     assert meta2["step"] == 4 and ck2["losses"].shape == (4,)
     np.testing.assert_array_equal(ck2["losses"][:2], ck1["losses"])  # the trace grows
     assert np.all(np.isfinite(ck2["losses"]))
-    changed = [k for k in ck1 if k != "losses" and ck1[k].dtype.kind == "f"
-               and not np.array_equal(ck1[k], ck2[k])]
-    assert changed  # the parameters moved
     # the optimizer's step counter continued (2 -> 4) rather than restarting
     counters = [k for k in ck1 if ck1[k].shape == () and ck1[k].dtype.kind in "iu"]
     assert any(int(ck1[k]) == 2 and int(ck2[k]) == 4 for k in counters)
     assert not list(tmp_path.glob(".run.partial-*"))
+    p2 = run.svi.get_params(cli.load_checkpoint(out, template, cfg)[0])
+    moved = {k for k in p1 if any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(p1[k]), jax.tree.leaves(p2[k]), strict=True))}
+    nets = {k for k in p1 if k.startswith(("encoder", "decoder"))}
+    assert nets and not moved & nets  # frozen
+    assert any(k.startswith("qtheta$dynamics") for k in moved)  # natural-gradient steps
 
     # the run folder
     metrics = json.loads((out / "metrics.json").read_text())
@@ -202,8 +253,12 @@ def test_fit_resume_evaluate_end_to_end(tmp_path, capsys):
                  "accuracy", "final_loss"):
         assert np.isfinite(metrics[name]), name
     assert metrics["steps"] == 4 and 1 <= metrics["regimes_used"] <= 2
+    assert {k: v for k, v in metrics.items() if k.startswith("init")} == {
+        k: v for k, v in m1.items() if k.startswith("init")}  # carried over, not run again
     report = (out / "report.md").read_text()
     assert "heldout_bound_per_frame" in report and "steps=4" in report
+    assert "init=arhmm (init_steps=4, freeze_networks=True)" in report
+    assert "natural_step=guarded" in report and "warm_start=True" in report
     for png in ("elbo.png", "reconstruction.png", "regimes.png", "transition_matrix.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"({png})" in report
@@ -266,7 +321,9 @@ def test_switching_init_options_are_checked_before_anything_runs(tmp_path, capsy
             (["--family", "lds", "--init", "arhmm"], "--init arhmm needs --family slds"),
             (["--freeze-networks"], "--freeze-networks needs --init arhmm"),
             (["--init", "arhmm", "--init-steps", "0"], "--init-steps must be >= 1"),
-            (["--window", "50"], "--window applies to --dataset mocap6 only")):
+            (["--window", "50"], "--window applies to --dataset mocap6 only"),
+            (["--family", "hmm", "--warm-start"], "--warm-start needs --family slds"),
+            (["--K", "1", "--warm-start"], "--warm-start needs --family slds with --K >= 2")):
         code, err = _run(capsys, ["fit", "--dataset", str(tmp_path / "nothing.npz"),
                                   "--out", str(out), *argv])
         assert code == 2 and msg in err and err.count("\n") == 1, (argv, err)
@@ -333,84 +390,6 @@ def test_natgrad_schedule_decays_over_the_run_steps_and_not_in_the_init_stage(
     with pytest.raises(cli.CLIError, match="natgrad_schedule: checkpoint 'cosine' vs now "
                                            "'constant'"):
         cli.check_checkpoint(out, dataclasses.replace(cfg, natgrad_schedule="constant"))
-
-
-@pytest.mark.slow  # ~60 s on a loaded 2-core machine: an LDS-SVAE, an AR-HMM, an SLDS-SVAE
-def test_fit_with_switching_init_and_frozen_networks(tmp_path, capsys, monkeypatch):
-    """`fit --init arhmm --freeze-networks --natural-step guarded`: the initialisation runs
-    once (not on resume), its summary is reported, and the SLDS steps (SGD steps guarded by
-    the exact natural-parameter step, `SVAEGuide.retract(guarded=True)`) move q(theta) but
-    not the networks.
-
-    The held-out evaluation and run-folder outputs are those of every `fit` (tested end to
-    end above); here they are replaced by a stub that records the metrics, which keeps this
-    test to the compilations of the three training stages."""
-    written = []
-
-    def outputs(folder, run, state, losses, data, cfg, ev, seconds, train_seconds=None,
-                extra=None):
-        m = dict(steps=int(len(losses)), **(extra or {}))
-        (folder / "metrics.json").write_text(json.dumps(m))
-        written.append(m)
-        return m
-
-    monkeypatch.setattr(cli, "_evaluate", lambda *a, **k: None)
-    monkeypatch.setattr(cli, "write_outputs", outputs)
-    from numpyro_svae import optim
-
-    built, original = [], optim.natural_gradient  # the guide each stage's `build` passes
-
-    def recording(**kw):
-        built.append(kw.get("guide"))
-        return original(**kw)
-
-    monkeypatch.setattr(optim, "natural_gradient", recording)
-    data = tmp_path / "tiny.npz"
-    _tiny_data(data)
-    out = tmp_path / "run"
-    opts = ["--dataset", str(data), "--K", "2", "--D", "2", "--hidden", "8",
-            "--max-iters", "2", "--fast", "--no-progress", "--out", str(out),
-            "--init", "arhmm", "--init-steps", "4", "--freeze-networks",
-            "--natural-step", "guarded"]
-    assert cli.main(["fit", "--steps", "2", *opts]) == 0
-    capsys.readouterr()
-    m1 = written[-1]
-    assert m1["init"] == "arhmm" and m1["init_steps"] == 4 and m1["init_warmup_steps"] == 2
-    assert np.isfinite(m1["init_final_loss"])
-    cfg = cli.FitConfig(**json.loads((out / "checkpoint.json").read_text())["config"])
-    assert (cfg.init, cfg.init_steps, cfg.freeze_networks) == ("arhmm", 4, True)
-    assert cfg.natural_step == "guarded"
-    # both stages (LDS-SVAE, SLDS-SVAE) are guarded: their own guide goes to the optimizer
-    assert len(built) == 2 and all(g is not None for g in built)
-    d = cli.load_data(cfg)
-    n, t = d.train_x.shape[:2]  # every step of the training latents is segmented
-    assert sum(m1["init_frames_per_regime"]) == n * t
-    assert sum(m1["init_transitions_per_regime"]) == n * (t - 1)
-    report = cli._report(cfg, d, dict(m1, train_seconds=1.0), [], 1.0)
-    assert "init=arhmm (init_steps=4, freeze_networks=True)" in report
-    assert "natural_step=guarded" in report
-    # resuming with the other step is refused before anything runs
-    code, err = _run(capsys, ["fit", "--resume", "--steps", "4", *opts[:-1], "linear"])
-    assert code == 2 and "natural_step: checkpoint 'guarded' vs now 'linear'" in err, err
-
-    run = cli.build(cfg, d)  # the command's own (cached) run
-    template = run.template(cfg.seed, d.train_x)
-    p1 = run.svi.get_params(cli.load_checkpoint(out, template, cfg)[0])
-
-    assert cli.main(["fit", "--resume", "--steps", "4", *opts]) == 0
-    capsys.readouterr()
-    m2 = written[-1]
-    assert m2["steps"] == 4
-    assert {k: v for k, v in m2.items() if k.startswith("init")} == {
-        k: v for k, v in m1.items() if k.startswith("init")}  # carried over, not run again
-    state2, step2, losses2 = cli.load_checkpoint(out, template, cfg)
-    p2 = run.svi.get_params(state2)
-    assert step2 == 4 and np.all(np.isfinite(losses2))
-    moved = {k for k in p1 if any(not np.array_equal(a, b) for a, b in zip(
-        jax.tree.leaves(p1[k]), jax.tree.leaves(p2[k]), strict=True))}
-    nets = {k for k in p1 if k.startswith(("encoder", "decoder"))}
-    assert nets and not moved & nets  # frozen
-    assert any(k.startswith("qtheta$dynamics") for k in moved)  # natural-gradient steps
 
 
 def test_mocap6_training_windows_keep_the_held_out_trial_whole(mocap6_path):

@@ -105,7 +105,9 @@ def test_guide_structure_and_param_sites(lds_setup):
     assert "encoder$params" in params
 
 
-@pytest.mark.slow  # ~30-60 s: Predictive compiles guide + model under vmap
+# ~10-20 s (Predictive compiles guide + model under vmap); not marked slow, like every user of
+# the module fixture `lds_setup`: a slow mark runs a test first, apart from the others, and
+# the fixture is then built twice (session 15)
 def test_predictive_returns_every_latent_site_matches_model_shapes(lds_setup):
     x, guide, params = lds_setup
     S = 2
@@ -168,7 +170,7 @@ def test_plain_callable_encoder_requires_params():
         SVAEGuide(lds_model, encoder=lambda p, x, m: (x, x))
 
 
-@pytest.mark.slow  # ~20-35 s: eager ELBO evaluations
+# ~15 s: eager ELBO evaluations (not marked slow: see the module fixture's note above)
 def test_svae_elbo_ignores_masked_entries_matches_zero_filled(lds_setup, key):
     from numpyro_svae.elbo import SVAE_ELBO
 

@@ -16,7 +16,7 @@ from numpyro_svae.expfam.mniw import (
     mniw_to_standard,
 )
 from numpyro_svae.guide import SVAEGuide
-from numpyro_svae.initialize import arhmm_init, qtheta_from_segmentation
+from numpyro_svae.initialize import arhmm_init, qk_from_segmentation, qtheta_from_segmentation
 from numpyro_svae.nn import GaussianPotentialEncoder
 from tests._tol import tol
 from tests.front.test_guide import lds_model, slds_model
@@ -132,7 +132,44 @@ def test_initialize_bad_inputs_name_the_argument():
         qtheta_from_segmentation(guide, z + np.nan, r, model_args=(x,), model_kwargs=kw)
     with pytest.raises(ValueError, match="`pseudo_count` must be > 0"):
         qtheta_from_segmentation(guide, z, r, model_args=(x,), model_kwargs=kw, pseudo_count=0.0)
+    with pytest.raises(ValueError, match=r"`regimes` must have shape \[N, T\] = \[2, 6\]"):
+        qk_from_segmentation(guide, r[:1], model_args=(x,), model_kwargs=kw)
+    with pytest.raises(ValueError, match=r"`regimes` must be integers in 0 \.\. 2"):
+        qk_from_segmentation(guide, r - 1, model_args=(x,), model_kwargs=kw)
+    with pytest.raises(ValueError, match=r"`smoothing` must be in \[0, 1\)"):
+        qk_from_segmentation(guide, r, model_args=(x,), model_kwargs=kw, smoothing=1.0)
     lds_guide = _guide(lds_model, obs_dim=D)
     with pytest.raises(ValueError, match="needs an SLDS model.*'lds'"):
         qtheta_from_segmentation(lds_guide, z, r, model_args=(np.zeros((2, 6, D)),),
                                  model_kwargs=dict(N=2, T=6))
+    with pytest.raises(ValueError, match="needs an SLDS model.*'lds'"):
+        qk_from_segmentation(lds_guide, r, model_args=(np.zeros((2, 6, D)),),
+                             model_kwargs=dict(N=2, T=6))
+
+
+def test_qk_from_segmentation_is_the_warm_start_state_of_the_chain():
+    """One smoothed one-hot row per regime variable of the model: all T steps for a model
+    with a leading regime (k0 drives nothing, but is a variable of the chain), the last T - 1
+    for one regime per transition; the shapes and dtype of the guide's own warm-start site."""
+    rng = np.random.default_rng(1)
+    N, T = 2, 7
+    r = rng.integers(0, K, size=(N, T))
+    x = np.zeros((N, T, DX))
+    kw = dict(N=N, T=T, K=K, D=D, Dx=DX)
+    lead = _guide()  # test_guide's SLDS: leading regime k0, T regime variables
+    q = qk_from_segmentation(lead, r, model_args=(x,), model_kwargs=kw, smoothing=0.03)
+    assert q["marginals"].shape == (N, T, K) and q["marginals"].dtype == jnp.float32
+    np.testing.assert_array_equal(q["valid"], np.ones(N, bool))
+    expected = 0.97 * np.eye(K)[r] + 0.01
+    np.testing.assert_allclose(q["marginals"], expected, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(q["marginals"]).sum(-1), 1.0, rtol=1e-6)
+    # one regime per transition (test_families' lag-one SLDS: N = 3, T = 4, K = 2)
+    from tests.front.test_families import CASES, ENC0, _data, linear_encoder
+
+    model, fkw, _ = CASES["slds_lag_one"]
+    trans = SVAEGuide(model, encoder=linear_encoder, encoder_params=ENC0, warm_start=True)
+    r2 = rng.integers(0, 2, size=(3, 4))
+    q = qk_from_segmentation(trans, r2, model_args=(_data(True),), model_kwargs=fkw,
+                             smoothing=0.0)
+    assert not trans.structure.leading_regime
+    np.testing.assert_array_equal(q["marginals"], np.eye(2)[r2[:, 1:]])
