@@ -268,12 +268,16 @@ class SVAEGuide:
         ``jit``) runs its body as one compiled program and replays the sites to the
         caller's handlers (``numpyro_svae._eager``): seconds instead of the ~30 s that
         op-by-op execution costs.  False: plain op-by-op execution.
-    warm_start : bool
+    warm_start : bool or "best"
         SLDS with K > 1: start each sequence's mean field from its q(k) of the previous
         step, kept in the ``numpyro.mutable`` site `WARM_START_SITE` (per sequence, so
         subsampled plates work; SVI carries it in ``svi_state.mutable_state``).  Default
         False: a fresh random q(k) every step (the paper's setting).  A warm start usually
         needs fewer block updates once training settles; q(k) is not differentiated.
+        ``"best"``: also run the mean field from a fresh random q(k) and keep, per
+        sequence, the fixed point with the better mean-field objective (``surrogate``;
+        twice the mean-field work): the warm start's steadiness with the random start's
+        chance of leaving a poor basin (``docs/design.md``, session 15).
 
     Attributes
     ----------
@@ -310,7 +314,7 @@ class SVAEGuide:
         init_concentration: float = 0.1,
         natural_gradients: bool = True,
         compile_eager: bool = True,
-        warm_start: bool = False,
+        warm_start: bool | str = False,
     ):
         if not callable(model):
             raise TypeError(f"`model` must be a callable NumPyro model; got {type(model)}")
@@ -334,7 +338,9 @@ class SVAEGuide:
         self.init_concentration = init_concentration
         self.natural_gradients = bool(natural_gradients)
         self.compile_eager = bool(compile_eager)
-        self.warm_start = bool(warm_start)
+        if warm_start not in (False, True, "best"):
+            raise ValueError(f"`warm_start` must be False, True or 'best'; got {warm_start!r}")
+        self.warm_start = warm_start if warm_start == "best" else bool(warm_start)
         self._structure = None  # the structure of the current call
         self._structures = {}  # call signature (shapes, static arguments) -> structure
 
@@ -914,7 +920,8 @@ class SVAEGuide:
             mf, info = _batched_mean_field_warm(
                 R, r, g, obs.step_mask, keys, init_q, state["valid"][idx],
                 options=self.options, leading=st.leading_regime,
-                init_concentration=self.init_concentration)
+                init_concentration=self.init_concentration,
+                best_of_random=self.warm_start == "best")
             new_q = jax.lax.stop_gradient(mf.marginals[:, :Tk])
             ok = jnp.all(jnp.isfinite(new_q), axis=(1, 2))
             warm = {
@@ -1202,22 +1209,32 @@ _batched_mean_field = jax.jit(
 
 
 def _batched_mean_field_warm_impl(R, r, g, step_mask, keys, init_q, valid, *, options, leading,
-                                  init_concentration):
+                                  init_concentration, best_of_random=False):
     """As `_batched_mean_field_impl`, starting from ``init_q [B, Tk, K]`` where ``valid [B]``
-    (the random initialisation elsewhere)."""
+    (the random initialisation elsewhere).  ``best_of_random``: also from the random q(k),
+    keeping per sequence the fixed point with the smaller ``surrogate`` (= the larger
+    mean-field objective; a non-finite one never wins)."""
     K = init_q.shape[-1]
 
     def one(Rn, rn, mn, kn, qn, vn):
         alpha = jnp.full((K,), init_concentration, R.dtype)
         q_rand = jax.random.dirichlet(kn, alpha, shape=qn.shape[:1], dtype=R.dtype)
-        return mf_fixed_point(Rn, rn, g, mask=mn, init_marginals=jnp.where(vn, qn, q_rand),
+        warm = mf_fixed_point(Rn, rn, g, mask=mn, init_marginals=jnp.where(vn, qn, q_rand),
                               options=options, leading_regime=leading)
+        if not best_of_random:
+            return warm
+        fresh = mf_fixed_point(Rn, rn, g, mask=mn, init_marginals=q_rand, options=options,
+                               leading_regime=leading)
+        sw, sf = warm[0].surrogate, fresh[0].surrogate
+        take = jnp.isfinite(sf) & ((sf < sw) | ~jnp.isfinite(sw))
+        return jax.tree.map(lambda a, b: jnp.where(take, a, b), fresh, warm)
 
     return jax.vmap(one)(R, r, step_mask, keys, init_q, valid)
 
 
 _batched_mean_field_warm = jax.jit(
-    _batched_mean_field_warm_impl, static_argnames=("options", "leading", "init_concentration"))
+    _batched_mean_field_warm_impl,
+    static_argnames=("options", "leading", "init_concentration", "best_of_random"))
 
 
 def _batched_mean_field_iid_impl(R, r, g, step_mask, keys, *, options, chain,

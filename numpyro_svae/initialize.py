@@ -68,6 +68,17 @@ def _check_z(z, D: int) -> np.ndarray:
     return z
 
 
+def _check_regimes(regimes, shape, K: int, what: str) -> np.ndarray:
+    r = np.asarray(regimes)
+    if r.shape != tuple(shape):
+        raise ValueError(f"`regimes` must have shape [N, T] = {list(shape)} ({what}); got "
+                         f"{list(r.shape)}")
+    if not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= K:
+        raise ValueError(f"`regimes` must be integers in 0 .. {K - 1} (K = {K} regimes); got "
+                         f"values in [{r.min()}, {r.max()}]")
+    return r
+
+
 def _check_mask(step_mask, shape) -> np.ndarray:
     if step_mask is None:
         return np.ones(shape, bool)
@@ -133,13 +144,7 @@ def qtheta_from_segmentation(
     K, D = st.K, st.D
     z = _check_z(z, D)
     N, T, _ = z.shape
-    r = np.asarray(regimes)
-    if r.shape != (N, T):
-        raise ValueError(f"`regimes` must have shape [N, T] = {[N, T]} (one per step of `z`); "
-                         f"got {list(r.shape)}")
-    if not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= K:
-        raise ValueError(f"`regimes` must be integers in 0 .. {K - 1} (K = {K} regimes); got "
-                         f"values in [{r.min()}, {r.max()}]")
+    r = _check_regimes(regimes, (N, T), K, "one per step of `z`")
     mask = _check_mask(step_mask, (N, T))
     if not pseudo_count > 0:
         raise ValueError(f"`pseudo_count` must be > 0; got {pseudo_count}")
@@ -241,14 +246,8 @@ def qk_from_segmentation(
     """
     st = _structure(guide, model_args, model_kwargs)
     K = st.K
-    r = np.asarray(regimes)
-    if r.shape != (st.N, st.T):
-        raise ValueError(f"`regimes` must have shape [N, T] = {[st.N, st.T]} (the model's "
-                         f"sequences and steps); got {list(r.shape)}")
+    r = _check_regimes(regimes, (st.N, st.T), K, "the model's sequences and steps")
     Tk = st.T if st.leading_regime else st.T - 1
-    if not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= K:
-        raise ValueError(f"`regimes` must be integers in 0 .. {K - 1} (K = {K} regimes); got "
-                         f"values in [{r.min()}, {r.max()}]")
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"`smoothing` must be in [0, 1); got {smoothing}")
     chain = r[:, st.T - Tk:]  # [N, Tk]
