@@ -1,8 +1,8 @@
 """Real-data evaluation: SLDS-SVAE vs LDS-SVAE vs classical baselines (issue 6).
 
 ``python bench/bench_real.py [--mocap6 PATH] [--fast] [--only mocap6|basic_motions]
-[--models M,...] [--seed S --natural-step linear|exact --natgrad-schedule constant|cosine
---test-trial T --out FILE]``
+[--models M,...] [--seed S --natural-step linear|exact|guarded --natgrad-schedule
+constant|cosine --test-trial T --warm-start --impute-masks M --save-state DIR --out FILE]``
 
 Data sets (``numpyro_svae.datasets``; standardised with training statistics):
 
@@ -54,8 +54,11 @@ Metrics, all on the held-out (test) sequences:
   against the true labels: adjusted Rand index, accuracy after the best one-to-one label
   matching (Hungarian), ``regimes_used`` = number of distinct predicted regimes;
 * imputation: ``GAPS_PER_SEQ`` non-overlapping windows of 10-30 frames per test sequence, drawn
-  once per data set (seeded) strictly inside the sequence, hidden from every model;
-  ``impute_rmse`` over the hidden entries (standardised units) and ``impute_loglik`` = mean
+  (seeded) strictly inside the sequence, hidden from every model; ``impute_masks`` such masks
+  (``CONFIG``; mocap6: 8 since session 16, BasicMotions: 1), each an imputation task of its own
+  on a copy of the test sequences, the first one the mask of the earlier single-mask protocol;
+  ``impute_rmse`` over the hidden entries of all masks together (standardised units; per mask
+  in ``runs.<data set>.timings.<model>.impute_rmse_per_mask``) and ``impute_loglik`` = mean
   Gaussian log density per hidden entry with a diagonal predictive variance (SVAEs: mean and
   variance of ``IMPUTE_SAMPLES`` posterior predictive draws of ``predict.impute`` per
   held-out mean-field start, ``impute_restarts`` starts (mocap6: 16, since session 9); Gaussian
@@ -83,6 +86,7 @@ import pathlib
 import platform
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +98,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_MOCAP6 = ROOT.parent / "shared" / "data" / "mocap6"
 DEFAULT_SEED = 0
 SEED = DEFAULT_SEED  # --seed
+SAVE_STATE: pathlib.Path | None = None  # --save-state
 METRIC_KEYS = ("ari", "accuracy", "impute_rmse", "impute_loglik", "heldout_bound_per_frame",
                "regimes_used", "seconds")
 
@@ -104,7 +109,7 @@ CONFIG = {
                    kl_warmup_steps=250, kl_warmup_weight=0.1,
                    init="arhmm", init_pseudo_count=1.0, final_steps=500, freeze_networks=True,
                    impute_restarts=16, natural_step="guarded", natgrad_schedule="cosine",
-                   test_trial="14_14"),
+                   test_trial="14_14", impute_masks=8),
     "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
                           natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
                           gaps_per_seq=2, natural_step="linear", natgrad_schedule="constant"),
@@ -150,9 +155,11 @@ def load(name: str, cfg: dict, mocap6_path: pathlib.Path) -> cli.Data:
         np.asarray(te.test_labels), np.asarray(te.test_mask, bool), tuple(tr.label_names))
 
 
-def gap_mask(seed: int, valid: np.ndarray, gaps: int, lo: int = 10, hi: int = 30) -> np.ndarray:
+def gap_mask(seed, valid: np.ndarray, gaps: int, lo: int = 10, hi: int = 30) -> np.ndarray:
     """[N, T] bool, True = observed: `gaps` non-overlapping windows of lo..hi frames per
-    sequence, inside its real frames, each with an observed frame on both sides."""
+    sequence, inside its real frames, each with an observed frame on both sides.
+
+    `seed`: an int or a tuple of ints (`numpy.random.default_rng`)."""
     rng = np.random.default_rng(seed)
     out = valid.copy()
     for n in range(valid.shape[0]):
@@ -189,12 +196,41 @@ def segmentation(pred: np.ndarray, labels: np.ndarray, valid: np.ndarray, K: int
     }
 
 
-def imputation_scores(x, mean, var, observed) -> dict:
-    """RMSE and Gaussian log density per hidden entry (var None: no log density)."""
-    out = {"impute_rmse": float(metrics.masked_rmse(x, mean, observed))}
+class ImputeTask(NamedTuple):
+    """The imputation task: ``masks`` copies of the test sequences, each with its own gaps.
+
+    x [M * N, T, Dx], valid / observed [M * N, T] (copy m = rows m * N ... (m + 1) * N - 1;
+    observed is False in the gaps and in the padding)."""
+
+    x: np.ndarray
+    valid: np.ndarray
+    observed: np.ndarray
+    masks: int
+
+
+def impute_task(data: cli.Data, seed: int, gaps: int, masks: int) -> ImputeTask:
+    """`masks` gap masks on copies of the test sequences; mask 0 is ``gap_mask(seed)`` (the
+    single-mask protocol's), mask m > 0 ``gap_mask((seed, m))``."""
+    if masks < 1:
+        raise ValueError(f"impute_masks must be >= 1, got {masks}")
+    valid = np.asarray(data.test_mask, bool)
+    observed = np.concatenate([gap_mask(seed if m == 0 else (seed, m), valid, gaps) & valid
+                               for m in range(masks)])
+    return ImputeTask(np.tile(data.test_x, (masks, 1, 1)), np.tile(valid, (masks, 1)),
+                      observed, masks)
+
+
+def imputation_scores(task: ImputeTask, mean, var) -> tuple[dict, list[float]]:
+    """RMSE and Gaussian log density per hidden entry over all masks (var None: no log
+    density), and the RMSE of each mask."""
+    x, seen = task.x, task.observed | ~task.valid  # padding is never scored
+    out = {"impute_rmse": float(metrics.masked_rmse(x, mean, seen))}
     out["impute_loglik"] = None if var is None else float(
-        metrics.gaussian_masked_loglik(x, mean, var, observed))
-    return out
+        metrics.gaussian_masked_loglik(x, mean, var, seen))
+    n = x.shape[0] // task.masks
+    per_mask = [float(metrics.masked_rmse(x[i:i + n], np.asarray(mean)[i:i + n], seen[i:i + n]))
+                for i in range(0, x.shape[0], n)]
+    return out, per_mask
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,8 +260,9 @@ def _train(run, x, state, steps: int, warm: int, warm_weight: float, tag: str):
     return state, losses, compile_s
 
 
-def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarray,
-             fast: bool, dataset: str) -> tuple[dict, dict]:
+def fit_config(family: str, K: int, cfg: dict, fast: bool, dataset: str) -> cli.FitConfig:
+    """The command's configuration of an SVAE row (``cli.build(fit_config(...), data)``
+    rebuilds the row's model, e.g. to load a ``--save-state`` checkpoint)."""
     fcfg = cli.FitConfig(dataset=dataset, family=family, K=K, D=cfg["D"], hidden=cfg["hidden"],
                          steps=cfg["steps"], seed=SEED, lr=cfg["lr"],
                          natgrad_lr=cfg["natgrad_lr"], max_iters=cfg["max_iters"],
@@ -236,13 +273,20 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
                          else "constant",
                          # the SLDS row only (q(k) of one regime is trivial)
                          warm_start=bool(cfg.get("warm_start")) and family == "slds")
-    timing = {}
-    t0 = time.time()
-    switching = family == "slds" and cfg.get("init") == "arhmm"
-    if switching:  # the command's `fit --init arhmm [--freeze-networks]`
+    if family == "slds" and cfg.get("init") == "arhmm":
+        # the command's `fit --init arhmm [--freeze-networks]`
         fcfg = dataclasses.replace(fcfg, init="arhmm",
                                    init_steps=FAST["steps"] if fast else cfg["steps"],
                                    freeze_networks=bool(cfg.get("freeze_networks")))
+    return fcfg
+
+
+def run_svae(family: str, data: cli.Data, K: int, cfg: dict, task: ImputeTask,
+             fast: bool, dataset: str) -> tuple[dict, dict]:
+    fcfg = fit_config(family, K, cfg, fast, dataset)
+    timing = {}
+    t0 = time.time()
+    switching = fcfg.init == "arhmm"
     run = cli.build(fcfg, data)
     x, kw = data.train_x, run.model_kwargs
     if switching:
@@ -271,6 +315,11 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
     if not np.any(np.isfinite(losses[-50:])):
         raise RuntimeError(f"{family}_svae diverged on {dataset}")
     params = run.svi.get_params(state)
+    if SAVE_STATE is not None:  # --save-state: the command's checkpoint format
+        folder = SAVE_STATE / f"{dataset}_{family}_seed{SEED}"
+        folder.mkdir(parents=True, exist_ok=True)
+        cli.save_checkpoint(folder, state, fcfg, steps, losses)
+        log(f"  saved the final SVI state to {folder}")
 
     N, T, _ = data.test_x.shape
     other = {k: v for k, v in kw.items() if k != "mask"}
@@ -293,11 +342,15 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarra
     restarts = cfg.get("impute_restarts", 1)
     restarts = min(restarts, 2) if fast else restarts
     S = (FAST["impute_samples"] if fast else IMPUTE_SAMPLES) * restarts
-    imp = predict.impute(guide, params, data.test_x, observed, num_samples=S,
-                         num_restarts=restarts, rng_key=jax.random.key(SEED + 10), **other)
+    imp_kw = dict(other, N=task.x.shape[0])
+    imp = predict.impute(run.eval_guide(task.x.shape[0], T), params, task.x, task.observed,
+                         num_samples=S, num_restarts=restarts,
+                         rng_key=jax.random.key(SEED + 10), **imp_kw)
     samples = np.asarray(imp.samples, np.float64)
-    row.update(imputation_scores(data.test_x, np.asarray(imp.mean), samples.var(0) + 1e-6,
-                                 observed | ~data.test_mask))
+    scores, timing["impute_rmse_per_mask"] = imputation_scores(
+        task, np.asarray(imp.mean), samples.var(0) + 1e-6)
+    row.update(scores)
+    del imp, samples
     timing["eval_impute"] = time.time() - t2
     t2 = time.time()
     S = FAST["iw_samples"] if fast else IW_SAMPLES
@@ -357,7 +410,7 @@ def _hmm_gap_moments(fit: baselines.HMMBaselineFit, x: np.ndarray, observed: np.
     return mean, np.maximum(var, 1e-9)
 
 
-def run_hmm(kind: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarray,
+def run_hmm(kind: str, data: cli.Data, K: int, cfg: dict, task: ImputeTask,
             fast: bool) -> tuple[dict, dict]:
     timing = {}
     iters = FAST["em_iters"] if fast else cfg["em_iters"]
@@ -380,9 +433,11 @@ def run_hmm(kind: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarray,
     data = data._replace(test_x=np.asarray(data.test_x, np.float64))
     pred = baselines.segment(fit, data.test_x)
     row.update(segmentation(pred, data.test_labels, data.test_mask, K, len(data.label_names)))
-    filled = baselines.impute(fit, data.test_x, observed)
-    _, var = _hmm_gap_moments(fit, data.test_x, observed)
-    row.update(imputation_scores(data.test_x, filled, var, observed | ~data.test_mask))
+    x_imp = np.asarray(task.x, np.float64)
+    filled = baselines.impute(fit, x_imp, task.observed)
+    _, var = _hmm_gap_moments(fit, x_imp, task.observed)
+    scores, timing["impute_rmse_per_mask"] = imputation_scores(task, filled, var)
+    row.update(scores)
     if bool(np.all(data.test_mask)):
         row["heldout_bound_per_frame"] = float(baselines.heldout_loglik_per_frame(
             fit, data.test_x))
@@ -392,12 +447,13 @@ def run_hmm(kind: str, data: cli.Data, K: int, cfg: dict, observed: np.ndarray,
     return row, timing
 
 
-def run_interpolation(data: cli.Data, observed: np.ndarray) -> tuple[dict, dict]:
+def run_interpolation(task: ImputeTask) -> tuple[dict, dict]:
     t0 = time.time()
-    filled = baselines.interpolate(data.test_x, observed)
+    filled = baselines.interpolate(task.x, task.observed)
     row = dict(ari=None, accuracy=None, regimes_used=None, heldout_bound_per_frame=None)
-    row.update(imputation_scores(data.test_x, filled, None, observed | ~data.test_mask))
-    return row, {"eval": time.time() - t0}
+    scores, per_mask = imputation_scores(task, filled, None)
+    row.update(scores)
+    return row, {"eval": time.time() - t0, "impute_rmse_per_mask": per_mask}
 
 
 # ------------------------------------------------------------------------------------------
@@ -415,22 +471,23 @@ def run_dataset(name: str, mocap6_path: pathlib.Path, fast: bool, models) -> dic
     data = load(name, cfg, mocap6_path)
     K = cfg["K"]
     num_classes = int(len(np.unique(data.train_labels[data.train_labels >= 0])))
-    observed = gap_mask(SEED + (1 if name == "mocap6" else 2), data.test_mask,
-                        cfg["gaps_per_seq"]) & data.test_mask
-    hidden = int((data.test_mask & ~observed).sum())
+    masks = cfg.get("impute_masks", 1)
+    task = impute_task(data, SEED + (1 if name == "mocap6" else 2), cfg["gaps_per_seq"], masks)
+    hidden = int((task.valid & ~task.observed).sum())
     log(f"{name}: train {list(data.train_x.shape)}, test {list(data.test_x.shape)}, K = {K}, "
-        f"{hidden} hidden test frames in {cfg['gaps_per_seq']} gaps per sequence")
+        f"{hidden} hidden test frames in {masks} mask(s) of {cfg['gaps_per_seq']} gaps per "
+        "sequence")
     rows, timings = [], {}
     for model in models:
         log(f"{name} / {model} ...")
         t0 = time.time()
         if model.endswith("_svae"):
-            row, timing = run_svae(model.split("_")[0], data, K, cfg, observed, fast, name)
+            row, timing = run_svae(model.split("_")[0], data, K, cfg, task, fast, name)
         elif model == "interpolation":
-            row, timing = run_interpolation(data, observed)
+            row, timing = run_interpolation(task)
         else:
             with jax.enable_x64(True):
-                row, timing = run_hmm(model, data, K, cfg, observed, fast)
+                row, timing = run_hmm(model, data, K, cfg, task, fast)
         seconds = time.time() - t0
         full = {"dataset": name, "model": model}
         full.update({k: row.get(k) for k in METRIC_KEYS if k != "seconds"})
@@ -438,12 +495,15 @@ def run_dataset(name: str, mocap6_path: pathlib.Path, fast: bool, models) -> dic
         rows.append(full)
         timings[model] = {k: (round(v, 2) if isinstance(v, float) else v)
                           for k, v in timing.items()}
+        if "impute_rmse_per_mask" in timing:
+            timings[model]["impute_rmse_per_mask"] = [
+                round(v, 4) for v in timing["impute_rmse_per_mask"]]
         timings[model]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
         log(f"{name} / {model}: {json.dumps(full)}")
     cfg.update(train_classes=num_classes, seed=SEED, impute_samples=IMPUTE_SAMPLES,
                iw_samples=IW_SAMPLES,
                train_shape=list(data.train_x.shape), test_shape=list(data.test_x.shape),
-               hidden_test_frames=hidden, gap_lengths="10-30", fast=fast)
+               impute_masks=masks, hidden_test_frames=hidden, gap_lengths="10-30", fast=fast)
     if fast:
         cfg.update(FAST)
     return {"rows": rows, "config": cfg, "timings": timings}
@@ -481,7 +541,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    global SEED
+    global SEED, SAVE_STATE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mocap6", default=str(DEFAULT_MOCAP6), help="mocap6 folder")
     p.add_argument("--fast", action="store_true", help="smoke run (few steps; no file)")
@@ -509,13 +569,24 @@ def main(argv=None) -> int:
                    help="SLDS-SVAE: the command's --warm-start (q(k) carried from step to "
                         "step; after the switching initialisation seeded by its "
                         "segmentation)")
+    p.add_argument("--impute-masks", type=int, default=None, metavar="M",
+                   help="imputation: M gap masks on copies of the test sequences (default: "
+                        "CONFIG's: mocap6 8, BasicMotions 1; 1 = the protocol before "
+                        "session 16)")
+    p.add_argument("--save-state", default=None, metavar="DIR",
+                   help="SVAEs: write each row's final SVI state to DIR/<data set>_<family>_"
+                        "seed<S>/ as a `numpyro-svae fit` checkpoint (cli.save_checkpoint; "
+                        "load with cli.load_checkpoint on cli.build(config, data))")
     args = p.parse_args(argv)
-    changed = (args.natural_step, args.natgrad_schedule, args.test_trial) != (None,) * 3 \
-        or args.warm_start
+    SAVE_STATE = pathlib.Path(args.save_state) if args.save_state else None
+    if args.impute_masks is not None and args.impute_masks < 1:
+        p.error(f"--impute-masks must be >= 1, got {args.impute_masks}")
+    changed = (args.natural_step, args.natgrad_schedule, args.test_trial,
+               args.impute_masks) != (None,) * 4 or args.warm_start
     if (args.seed != DEFAULT_SEED or changed) and not (args.out or args.fast):
         # real.json holds the default recipe's rows; other seeds and steps go elsewhere
-        p.error("--seed / --natural-step / --natgrad-schedule / --test-trial / --warm-start "
-                "need --out "
+        p.error("--seed / --natural-step / --natgrad-schedule / --test-trial / --warm-start / "
+                "--impute-masks need --out "
                 f"(bench/results/real.json holds the seed-{DEFAULT_SEED} rows of CONFIG's "
                 "recipe)")
     SEED = args.seed
@@ -526,6 +597,8 @@ def main(argv=None) -> int:
             c["natgrad_schedule"] = args.natgrad_schedule
         if args.warm_start:
             c["warm_start"] = True
+        if args.impute_masks is not None:
+            c["impute_masks"] = args.impute_masks
     if args.test_trial is not None:
         CONFIG["mocap6"]["test_trial"] = args.test_trial
     for c in CONFIG.values():
