@@ -2,7 +2,8 @@
 
 ``python bench/bench_real.py [--mocap6 PATH] [--fast] [--only mocap6|basic_motions]
 [--models M,...] [--seed S --natural-step linear|exact|guarded --natgrad-schedule
-constant|cosine --test-trial T --warm-start --impute-masks M --save-state DIR --out FILE]``
+constant|cosine --test-trial T --warm-start --impute-masks M --save-state DIR --load-state DIR
+--out FILE]``
 
 Data sets (``numpyro_svae.datasets``; standardised with training statistics):
 
@@ -55,8 +56,9 @@ Metrics, all on the held-out (test) sequences:
   matching (Hungarian), ``regimes_used`` = number of distinct predicted regimes;
 * imputation: ``GAPS_PER_SEQ`` non-overlapping windows of 10-30 frames per test sequence, drawn
   (seeded) strictly inside the sequence, hidden from every model; ``impute_masks`` such masks
-  (``CONFIG``; mocap6: 8 since session 16, BasicMotions: 1), each an imputation task of its own
-  on a copy of the test sequences, the first one the mask of the earlier single-mask protocol;
+  (``CONFIG``; mocap6: 32 since session 17, 8 in session 16; BasicMotions: 1), each an
+  imputation task of its own on a copy of the test sequences, the first one the mask of the
+  earlier single-mask protocol (mask m is the same for any number of masks above m);
   ``impute_rmse`` over the hidden entries of all masks together (standardised units; per mask
   in ``runs.<data set>.timings.<model>.impute_rmse_per_mask``) and ``impute_loglik`` = mean
   Gaussian log density per hidden entry with a diagonal predictive variance (SVAEs: mean and
@@ -99,6 +101,7 @@ DEFAULT_MOCAP6 = ROOT.parent / "shared" / "data" / "mocap6"
 DEFAULT_SEED = 0
 SEED = DEFAULT_SEED  # --seed
 SAVE_STATE: pathlib.Path | None = None  # --save-state
+LOAD_STATE: pathlib.Path | None = None  # --load-state
 METRIC_KEYS = ("ari", "accuracy", "impute_rmse", "impute_loglik", "heldout_bound_per_frame",
                "regimes_used", "seconds")
 
@@ -109,7 +112,7 @@ CONFIG = {
                    kl_warmup_steps=250, kl_warmup_weight=0.1,
                    init="arhmm", init_pseudo_count=1.0, final_steps=500, freeze_networks=True,
                    impute_restarts=16, natural_step="guarded", natgrad_schedule="cosine",
-                   test_trial="14_14", impute_masks=8),
+                   test_trial="14_14", impute_masks=32),
     "basic_motions": dict(K=4, window=None, stride=None, D=4, hidden=64, steps=250, lr=3e-3,
                           natgrad_lr=0.05, max_iters=10, em_iters=100, num_lags=1,
                           gaps_per_seq=2, natural_step="linear", natgrad_schedule="constant"),
@@ -289,7 +292,12 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, task: ImputeTask,
     switching = fcfg.init == "arhmm"
     run = cli.build(fcfg, data)
     x, kw = data.train_x, run.model_kwargs
-    if switching:
+    if LOAD_STATE is not None:  # --load-state: evaluate a saved fit, no training
+        folder = LOAD_STATE / f"{dataset}_{family}_seed{SEED}"
+        state, done, losses = cli.load_checkpoint(folder, run.template(SEED, x), fcfg)
+        timing.update(loaded_from=str(folder), loaded_step=done, init=time.time() - t0)
+        log(f"  loaded the SVI state of step {done} from {folder}")
+    elif switching:
         # stage 1 = the LDS-SVAE row's recipe (same steps, seed and local-KL warm-up)
         state, info = cli.switching_start(
             run, data, fcfg, progress=False,
@@ -302,20 +310,21 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, task: ImputeTask,
             f"{info['init_transitions_per_regime']}")
     else:
         state = run.init(SEED, x)  # = svi.init(PRNGKey(SEED)), types as the compiled step's
-    timing["init"] = time.time() - t0
-    steps = FAST["steps"] if fast else (
-        cfg.get("final_steps", cfg["steps"]) if switching else cfg["steps"])
-    warm = 0 if switching else cfg.get("kl_warmup_steps", 0)
-    t1 = time.time()
-    state, losses, timing["compile_first_step"] = _train(
-        run, x, state, steps, warm, cfg.get("kl_warmup_weight", 0.1), family)
-    timing["steps"] = time.time() - t1 - timing["compile_first_step"]
+    if LOAD_STATE is None:
+        timing["init"] = time.time() - t0
+        steps = FAST["steps"] if fast else (
+            cfg.get("final_steps", cfg["steps"]) if switching else cfg["steps"])
+        warm = 0 if switching else cfg.get("kl_warmup_steps", 0)
+        t1 = time.time()
+        state, losses, timing["compile_first_step"] = _train(
+            run, x, state, steps, warm, cfg.get("kl_warmup_weight", 0.1), family)
+        timing["steps"] = time.time() - t1 - timing["compile_first_step"]
+        timing["seconds_per_step"] = timing["steps"] / max(steps - 1, 1)
     timing["skipped_steps"] = int(np.sum(~np.isfinite(losses)))
-    timing["seconds_per_step"] = timing["steps"] / max(steps - 1, 1)
     if not np.any(np.isfinite(losses[-50:])):
         raise RuntimeError(f"{family}_svae diverged on {dataset}")
     params = run.svi.get_params(state)
-    if SAVE_STATE is not None:  # --save-state: the command's checkpoint format
+    if SAVE_STATE is not None and LOAD_STATE is None:  # the command's checkpoint format
         folder = SAVE_STATE / f"{dataset}_{family}_seed{SEED}"
         folder.mkdir(parents=True, exist_ok=True)
         cli.save_checkpoint(folder, state, fcfg, steps, losses)
@@ -541,7 +550,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    global SEED, SAVE_STATE
+    global SEED, SAVE_STATE, LOAD_STATE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mocap6", default=str(DEFAULT_MOCAP6), help="mocap6 folder")
     p.add_argument("--fast", action="store_true", help="smoke run (few steps; no file)")
@@ -571,22 +580,29 @@ def main(argv=None) -> int:
                         "segmentation)")
     p.add_argument("--impute-masks", type=int, default=None, metavar="M",
                    help="imputation: M gap masks on copies of the test sequences (default: "
-                        "CONFIG's: mocap6 8, BasicMotions 1; 1 = the protocol before "
+                        "CONFIG's: mocap6 32, BasicMotions 1; 1 = the protocol before "
                         "session 16)")
     p.add_argument("--save-state", default=None, metavar="DIR",
                    help="SVAEs: write each row's final SVI state to DIR/<data set>_<family>_"
                         "seed<S>/ as a `numpyro-svae fit` checkpoint (cli.save_checkpoint; "
                         "load with cli.load_checkpoint on cli.build(config, data))")
+    p.add_argument("--load-state", default=None, metavar="DIR",
+                   help="SVAEs: no training; evaluate the states a --save-state run of the "
+                        "same options wrote to DIR (the rows' seconds then count loading and "
+                        "evaluation only; the baselines are fitted as usual)")
     args = p.parse_args(argv)
     SAVE_STATE = pathlib.Path(args.save_state) if args.save_state else None
+    LOAD_STATE = pathlib.Path(args.load_state) if args.load_state else None
+    if LOAD_STATE is not None and not LOAD_STATE.is_dir():
+        p.error(f"--load-state: no folder {str(LOAD_STATE)!r}")
     if args.impute_masks is not None and args.impute_masks < 1:
         p.error(f"--impute-masks must be >= 1, got {args.impute_masks}")
-    changed = (args.natural_step, args.natgrad_schedule, args.test_trial,
-               args.impute_masks) != (None,) * 4 or args.warm_start
+    changed = (args.natural_step, args.natgrad_schedule, args.test_trial, args.impute_masks,
+               args.load_state) != (None,) * 5 or args.warm_start
     if (args.seed != DEFAULT_SEED or changed) and not (args.out or args.fast):
         # real.json holds the default recipe's rows; other seeds and steps go elsewhere
         p.error("--seed / --natural-step / --natgrad-schedule / --test-trial / --warm-start / "
-                "--impute-masks need --out "
+                "--impute-masks / --load-state need --out "
                 f"(bench/results/real.json holds the seed-{DEFAULT_SEED} rows of CONFIG's "
                 "recipe)")
     SEED = args.seed

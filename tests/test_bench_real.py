@@ -80,6 +80,9 @@ def test_impute_task_tiles_copies_and_keeps_the_single_mask_first(bench):
     assert not np.array_equal(task.observed[N:2 * N], task.observed[2 * N:])
     one = bench.impute_task(data, seed=7, gaps=2, masks=1)
     np.testing.assert_array_equal(one.observed, task.observed[:N])
+    # more masks extend fewer: mask m does not depend on how many are drawn
+    two = bench.impute_task(data, seed=7, gaps=2, masks=2)
+    np.testing.assert_array_equal(two.observed, task.observed[:2 * N])
     with pytest.raises(ValueError, match="impute_masks must be >= 1"):
         bench.impute_task(data, seed=7, gaps=2, masks=0)
 
@@ -134,3 +137,13 @@ def test_real_seeds_pairs_masks_within_and_across_seeds(tmp_path):
         rs.collect([paths[0], paths[0]])
     with pytest.raises(SystemExit, match="no 'other' run"):
         rs.collect(paths, "other")
+
+
+def test_bench_real_refuses_load_state_without_a_folder_or_out(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--load-state", str(tmp_path / "nothing"), "--out", str(tmp_path / "o.json")])
+    assert e.value.code == 2 and "--load-state: no folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--load-state", str(tmp_path)])
+    assert e.value.code == 2 and "need --out" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
