@@ -230,8 +230,8 @@ def imputation_scores(task: ImputeTask, mean, var) -> tuple[dict, list[float]]:
     out = {"impute_rmse": float(metrics.masked_rmse(x, mean, seen))}
     out["impute_loglik"] = None if var is None else float(
         metrics.gaussian_masked_loglik(x, mean, var, seen))
-    n = x.shape[0] // task.masks
-    per_mask = [float(metrics.masked_rmse(x[i:i + n], np.asarray(mean)[i:i + n], seen[i:i + n]))
+    n, mean = x.shape[0] // task.masks, np.asarray(mean)
+    per_mask = [float(metrics.masked_rmse(x[i:i + n], mean[i:i + n], seen[i:i + n]))
                 for i in range(0, x.shape[0], n)]
     return out, per_mask
 
@@ -297,20 +297,20 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, task: ImputeTask,
         state, done, losses = cli.load_checkpoint(folder, run.template(SEED, x), fcfg)
         timing.update(loaded_from=str(folder), loaded_step=done, init=time.time() - t0)
         log(f"  loaded the SVI state of step {done} from {folder}")
-    elif switching:
-        # stage 1 = the LDS-SVAE row's recipe (same steps, seed and local-KL warm-up)
-        state, info = cli.switching_start(
-            run, data, fcfg, progress=False,
-            em_iters=FAST["em_iters"] if fast else cfg["em_iters"],
-            pseudo_count=cfg.get("init_pseudo_count", 1.0),
-            warmup_steps=cfg.get("kl_warmup_steps", 0),
-            warmup_weight=cfg.get("kl_warmup_weight", 0.1))
-        timing.update(init_seconds=time.time() - t0, **info)
-        log(f"  switching init: {time.time() - t0:.0f} s, transitions per regime "
-            f"{info['init_transitions_per_regime']}")
     else:
-        state = run.init(SEED, x)  # = svi.init(PRNGKey(SEED)), types as the compiled step's
-    if LOAD_STATE is None:
+        if switching:
+            # stage 1 = the LDS-SVAE row's recipe (same steps, seed and local-KL warm-up)
+            state, info = cli.switching_start(
+                run, data, fcfg, progress=False,
+                em_iters=FAST["em_iters"] if fast else cfg["em_iters"],
+                pseudo_count=cfg.get("init_pseudo_count", 1.0),
+                warmup_steps=cfg.get("kl_warmup_steps", 0),
+                warmup_weight=cfg.get("kl_warmup_weight", 0.1))
+            timing.update(init_seconds=time.time() - t0, **info)
+            log(f"  switching init: {time.time() - t0:.0f} s, transitions per regime "
+                f"{info['init_transitions_per_regime']}")
+        else:
+            state = run.init(SEED, x)  # = svi.init(PRNGKey(SEED)), types as the compiled step's
         timing["init"] = time.time() - t0
         steps = FAST["steps"] if fast else (
             cfg.get("final_steps", cfg["steps"]) if switching else cfg["steps"])
@@ -320,15 +320,15 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, task: ImputeTask,
             run, x, state, steps, warm, cfg.get("kl_warmup_weight", 0.1), family)
         timing["steps"] = time.time() - t1 - timing["compile_first_step"]
         timing["seconds_per_step"] = timing["steps"] / max(steps - 1, 1)
+        if SAVE_STATE is not None:  # the command's checkpoint format
+            folder = SAVE_STATE / f"{dataset}_{family}_seed{SEED}"
+            folder.mkdir(parents=True, exist_ok=True)
+            cli.save_checkpoint(folder, state, fcfg, steps, losses)
+            log(f"  saved the final SVI state to {folder}")
     timing["skipped_steps"] = int(np.sum(~np.isfinite(losses)))
     if not np.any(np.isfinite(losses[-50:])):
         raise RuntimeError(f"{family}_svae diverged on {dataset}")
     params = run.svi.get_params(state)
-    if SAVE_STATE is not None and LOAD_STATE is None:  # the command's checkpoint format
-        folder = SAVE_STATE / f"{dataset}_{family}_seed{SEED}"
-        folder.mkdir(parents=True, exist_ok=True)
-        cli.save_checkpoint(folder, state, fcfg, steps, losses)
-        log(f"  saved the final SVI state to {folder}")
 
     N, T, _ = data.test_x.shape
     other = {k: v for k, v in kw.items() if k != "mask"}
