@@ -11,7 +11,7 @@ which has the same fixed points):
 solved by damped Richardson iteration (default), GMRES or BiCGSTAB, with the map linearised
 once at ``omega*`` (jointly in omega and theta) and reused.  The "capped" estimator falls
 back to ``v = g`` (the one-step gradient) when the forward did not converge, the relative
-adjoint residual is above ``fallback_residual`` or is NaN (svae_math.md §4.2-4.3).
+adjoint residual is above ``fallback_residual`` or is NaN (docs/math.md §7).
 ``solver="unrolled"`` instead differentiates through a ``lax.scan`` of ``max_iters`` block
 updates (the reference).
 
@@ -43,7 +43,7 @@ SOLVERS = ("richardson", "gmres", "bicgstab", "onestep", "unrolled")
 class FixedPointOptions(NamedTuple):
     """Static options of the mean-field fixed point (hashable; pass as a static argument).
 
-    Defaults follow the research code (svae_math.md §2.6, §4.2-4.3) except that the adjoint
+    Defaults follow the research code (docs/math.md §4, §7) except that the adjoint
     tolerance and the fallback threshold are *relative* (to the incoming cotangent's norm).
     """
 
@@ -180,7 +180,7 @@ def _unrolled(step: Callable, theta, aux, omega0, options: FixedPointOptions):
 # backward solvers on (I - J^T) v = g, J^T given as a function
 
 
-def _richardson(vjp: Callable, g, theta_like, options: FixedPointOptions):
+def _richardson(vjp: Callable, g, theta_like, options: FixedPointOptions, skip=False):
     """Damped Richardson on ``(I - J^T) v = g`` with ``vjp(v) = (J^T v, (dF/dtheta)^T v)``.
 
     One evaluation of the joint VJP per iteration serves the update, the exact residual of
@@ -188,13 +188,16 @@ def _richardson(vjp: Callable, g, theta_like, options: FixedPointOptions):
     transposed copy of the map (compile time) and no extra evaluations follow the loop.
     Returns the last *evaluated* iterate ``v``, ``(dF/dtheta)^T v``, ``|g + J^T v - v|`` and
     ``(dF/dtheta)^T g`` (the one-step fallback, from the first iteration, where ``v = g``).
+    With ``skip`` (the forward already decided on the fallback) only that first iteration
+    runs: under ``vmap`` the loop then waits only for the sequences whose solve is used.
     """
     a = options.damping
     tiny = jnp.finfo(_dtype(g)).tiny
 
     def cond(carry):
         j, *_, change = carry
-        return (j < options.adjoint_max_iters) & (change >= options.adjoint_tol)
+        return (j < options.adjoint_max_iters) & (change >= options.adjoint_tol) & (
+            (j == 0) | ~skip)
 
     def body(carry):
         j, v, _, _, _, theta_g, _ = carry
@@ -257,7 +260,8 @@ def _fp_bwd(step, parallel, options, res, cts):
         fallback = jnp.zeros((), bool)
     else:
         if options.solver == "richardson":
-            v, theta_v, rho_norm, theta_g = _richardson(vjp, g, theta, options)
+            skip = (~converged) & options.fallback_on_unconverged
+            v, theta_v, rho_norm, theta_g = _richardson(vjp, g, theta, options, skip)
         else:
             v = _krylov(lambda u: vjp(u)[0], g, options)
             w_bar, theta_v = vjp(v)

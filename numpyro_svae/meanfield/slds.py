@@ -7,7 +7,7 @@ After the loop one more *differentiable* block update is made from the returned 
 it gives ``q(z)`` (statistics, log normaliser, the chain potentials used for sampling),
 ``q(k)`` (marginals, transition counts, log normaliser) and the exact local KL of that pair.
 
-svae_math.md §2, §3.2, §4.  Pure JAX, unbatched; ``vmap`` over sequences.
+docs/math.md §4, §6, §7.  Pure JAX, unbatched; ``vmap`` over sequences.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from numpyro_svae.messages.hmm import HMMPotentials, hmm_smoother
 from numpyro_svae.messages.lds import (
     LDSPotentials,
     LDSSampler,
-    lds_smoother,
     lds_smoother_with_sampler,
 )
+from numpyro_svae.messages.lds_stats import lds_expected_stats
 
 Array = jax.Array
 
@@ -84,9 +84,11 @@ def _masked(R: Array, r: Array, mask: Array) -> tuple[Array, Array]:
 
 
 def _lds_block(q: Array, R: Array, r: Array, g: SLDSGlobalPotentials, leading: bool):
+    # the expected statistics with the Hessian-symmetric reverse rule: the implicit
+    # gradient's adjoint iterations differentiate this block once per iteration
     qt = q[1:] if leading else q
     pot, _ = hmm_to_lds_potentials(qt, g, R, r)
-    return pot, lds_smoother(pot)
+    return pot, lds_expected_stats(pot)
 
 
 def _final_lds_block(q, R, r, g: SLDSGlobalPotentials, leading: bool):
@@ -255,7 +257,7 @@ def mf_fixed_point(
 
     References
     ----------
-    svae_math.md §2.6 (loop), §3.2 (KL), §4 (implicit gradient).
+    docs/math.md §4 (loop), §6 (KL), §7 (implicit gradient).
     """
     T, D, K, Tk = _validate(node_R, node_r, globals, mask, init_key, init_marginals,
                             leading_regime)

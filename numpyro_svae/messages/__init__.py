@@ -25,6 +25,7 @@ from numpyro_svae.messages.lds import (
     lds_smoother_sequential,
     lds_smoother_with_sampler,
 )
+from numpyro_svae.messages.lds_stats import LDSStats, lds_expected_stats
 
 __all__ = [
     "HMMPosterior",
@@ -32,6 +33,7 @@ __all__ = [
     "LDSPosterior",
     "LDSPotentials",
     "LDSSampler",
+    "LDSStats",
     "hmm_expected_stats_by_grad",
     "hmm_filter",
     "hmm_log_normalizer",
@@ -39,6 +41,7 @@ __all__ = [
     "hmm_smoother",
     "hmm_smoother_parallel",
     "hmm_smoother_sequential",
+    "lds_expected_stats",
     "lds_expected_stats_by_grad",
     "lds_filter",
     "lds_log_normalizer",
