@@ -2,20 +2,26 @@
 
 The guide's q(theta) parameters are unconstrained coordinates whose gradients are already
 natural gradients (straight-through expected statistics plus the custom VJP of the
-unconstrained map, svae_math.md sections 5.2-5.3).  Plain SGD on them is therefore a
-natural-gradient step; Adam-like rescaling would destroy the preconditioning (section 5.7).
+unconstrained map, `docs/math.md`, "Natural gradients for q(theta)").  Plain SGD on them is
+therefore a natural-gradient step; Adam-like rescaling would destroy the preconditioning.
 Every other parameter (encoder, decoder, ...) gets an arbitrary optax rule.
+
+Every optimizer built here skips a step whose gradients, final updates or resulting
+parameters are not finite (the optimizer state and the parameters stay as they were) and
+counts the skips; :func:`skipped_steps` reads the counters from an SVI state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
-__all__ = ["NATURAL_STEPS", "QTHETA_PREFIX", "natural_gradient"]
+__all__ = ["NATURAL_STEPS", "QTHETA_PREFIX", "SkippedSteps", "natural_gradient",
+           "skipped_steps"]
 
 QTHETA_PREFIX = "qtheta$"
 """Common prefix of the :func:`numpyro.param` sites holding q(theta) (see `SVAEGuide`)."""
@@ -64,6 +70,112 @@ def _exact_natural_step(guide, guarded: bool = False) -> optax.GradientTransform
     return optax.GradientTransformation(init, update)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves \
+        else jnp.asarray(True)
+
+
+def _skip_not_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """`inner`, except that a step is skipped (zero updates, `inner`'s state kept) unless the
+    gradients, `inner`'s updates and the updated parameters are all finite.
+
+    :func:`optax.apply_if_finite` (whose state this shares) looks at the incoming gradients
+    only, and gives up after a number of skips; here the natural step inside `inner`
+    (``SVAEGuide.retract``) can turn finite gradients into non-finite updates, so the check
+    is on the final result too, and nothing is ever accepted silently.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return optax.ApplyIfFiniteState(
+            notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
+            total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+    def update(grads, state, params=None, **extra_args):
+        # computed on every step and then selected (not lax.cond): the check needs the result
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+        ok = _all_finite(grads) & _all_finite(updates)
+        if params is not None:  # finite + finite can still overflow
+            ok &= _all_finite(optax.apply_updates(params, updates))
+        updates = optax.tree.where(ok, updates, optax.tree.zeros_like(updates))
+        inner_state = optax.tree.where(ok, inner_state, state.inner_state)
+        zero = jnp.zeros([], jnp.int32)
+        return updates, optax.ApplyIfFiniteState(
+            notfinite_count=jnp.where(ok, zero, optax.safe_increment(state.notfinite_count)),
+            last_finite=ok,
+            total_notfinite=jnp.where(ok, state.total_notfinite,
+                                      optax.safe_increment(state.total_notfinite)),
+            inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _is_counter(x: Any) -> bool:
+    return isinstance(x, optax.ApplyIfFiniteState)
+
+
+class SkippedSteps(NamedTuple):
+    """Counters of the steps :func:`natural_gradient` skipped (all scalar arrays).
+
+    Attributes
+    ----------
+    total : int32 []
+        Skipped steps since the optimizer was initialised.
+    consecutive : int32 []
+        Skipped steps in a row up to the last one (0 after a step that was taken).
+    last_finite : bool []
+        Whether the last step was taken.
+    """
+
+    total: jax.Array
+    consecutive: jax.Array
+    last_finite: jax.Array
+
+
+def skipped_steps(state: Any) -> SkippedSteps:
+    """How many steps an optimizer from :func:`natural_gradient` has skipped.
+
+    A step is skipped when its gradients, its final updates (after the natural step) or the
+    parameters it would produce are not finite. The optimizer never gives up on its own: a
+    training loop should check the counters and stop with a clear error, e.g. when
+    ``consecutive`` reaches a few tens (the loss or the data is broken, not one unlucky
+    minibatch), or report ``total`` at the end.
+
+    Parameters
+    ----------
+    state : numpyro.infer.svi.SVIState or optax state
+        The state returned by ``SVI.init`` / ``SVI.update`` / ``SVI.run(...).state``, or the
+        optax state of the optimizer (also inside an ``optax.chain``; the first one found).
+
+    Returns
+    -------
+    SkippedSteps
+        ``total``, ``consecutive`` and ``last_finite``, scalar arrays (``int(...)`` them in
+        a Python loop; usable under ``jit``).
+
+    Raises
+    ------
+    ValueError
+        `state` holds no optimizer built by :func:`natural_gradient`.
+
+    Examples
+    --------
+    >>> state, loss = svi.update(state, x)
+    >>> if int(skipped_steps(state).consecutive) >= 20:
+    ...     raise FloatingPointError("20 non-finite steps in a row")
+    """
+    # SVIState(optim_state=(step, (params, optax state)), ...): search the whole tree
+    found = [x for x in jax.tree.leaves(state, is_leaf=_is_counter) if _is_counter(x)]
+    if not found:
+        raise ValueError(
+            "skipped_steps expects the state of SVI (or of the optax optimizer) built with "
+            f"natural_gradient(...); got a {type(state).__name__} without its counters")
+    c = found[0]
+    return SkippedSteps(total=c.total_notfinite, consecutive=c.notfinite_count,
+                        last_finite=c.last_finite)
+
+
 def natural_gradient(
     *,
     natgrad_lr: float | None = None,
@@ -73,8 +185,23 @@ def natural_gradient(
     momentum: float | None = None,
     guide: Any = None,
     natural_step: str | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Optimizer for SVAEs: natural-gradient SGD on q(theta), `other` on everything else.
+
+    A step whose gradients, final updates (after the natural step) or resulting parameters
+    hold a NaN or an inf is skipped: the parameters and the optimizer state stay as they
+    were (through ``SVI.update``, jitted or not, the parameters are unchanged) and the skip
+    is counted. The optimizer never gives up and accepts such a step; read the counters
+    with :func:`skipped_steps` in the training loop and stop with a clear error when too
+    many steps in a row are skipped.
+
+    Pass ``guide=guide`` (recommended): each q(theta) step is then the exact
+    natural-parameter step, and a step that would leave the family's domain is halved.
+    Without it the step is the straight line in the unconstrained coordinates, which agrees
+    with the natural-parameter step only to first order and can leave the region where the
+    model makes sense (near a softplus floor one step can multiply a concentration by
+    10^8); the following steps then tend to be non-finite and are skipped, one after the
+    other.
 
     Parameters
     ----------
@@ -98,9 +225,8 @@ def natural_gradient(
         instead of following the straight line in the unconstrained coordinates, which
         matches it only to first order and can overshoot where the map bends (softplus and
         Cholesky factors near small eigenvalues); steps that would leave the domain are
-        halved.  Without it (the default, as in the research code) the step is plain SGD on
-        the unconstrained coordinates.  The guide must be the one passed to ``SVI`` and use
-        natural gradients.
+        halved.  Without it the step is plain SGD on the unconstrained coordinates (see
+        above).  The guide must be the one passed to ``SVI`` and use natural gradients.
     natural_step : {"linear", "exact", "guarded"}, optional
         How an SGD update of q(theta) becomes a step: ``"linear"``, the straight line in the
         unconstrained coordinates (no `guide` needed); ``"exact"``, the exact
@@ -114,8 +240,10 @@ def natural_gradient(
 
     Returns
     -------
-    optax.GradientTransformation
-        Built on :func:`optax.partition`; pass it straight to :class:`numpyro.infer.SVI`.
+    optax.GradientTransformationExtraArgs
+        :func:`optax.partition` of the two rules inside the skip of non-finite steps (its
+        state is an ``optax.ApplyIfFiniteState``); pass it straight to
+        :class:`numpyro.infer.SVI`.
 
     Raises
     ------
@@ -131,6 +259,8 @@ def natural_gradient(
     --------
     >>> opt = natural_gradient(natgrad_lr=0.1, other=optax.adam(1e-3))
     >>> state = opt.init({"qtheta$niw": jax.numpy.zeros(2), "enc$params": jax.numpy.zeros(3)})
+    >>> svi = SVI(model, guide, natural_gradient(natgrad_lr=0.1, guide=guide),
+    ...           loss=SVAE_ELBO())
     """
     if (natgrad_lr is None) == (schedule is None):
         raise ValueError(
@@ -179,4 +309,5 @@ def natural_gradient(
     nat = optax.sgd(lr, momentum=momentum)
     if guide is not None:
         nat = optax.chain(nat, _exact_natural_step(guide, natural_step == "guarded"))
-    return optax.partition({_NATGRAD: nat, _OTHER: other}, lambda p: _labels(p, prefix))
+    routed = optax.partition({_NATGRAD: nat, _OTHER: other}, lambda p: _labels(p, prefix))
+    return _skip_not_finite(routed)
