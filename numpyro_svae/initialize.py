@@ -9,8 +9,10 @@ autoregressive HMM fitted to continuous latents.  Here:
 
 1. train an SVAE with one regime (an LDS-SVAE, or the SLDS with ``K = 1``) and take its
    smoothed latent means ``z`` ``[N, T, D]`` (``guide.posterior(...).latent_mean``);
-2. :func:`arhmm_init` fits a linear AR(1)-HMM with ``K`` states to ``z`` (dynamax, EM,
-   float64), segments ``z`` by its Viterbi path and calls :func:`qtheta_from_segmentation`;
+2. :func:`arhmm_init` fits a linear AR(1)-HMM with ``K`` states to ``z``
+   (:func:`numpyro_svae.arhmm.fit_arhmm`: MAP-EM on the library's HMM message passing,
+   float64, padding masked out), segments ``z`` by its Viterbi path and calls
+   :func:`qtheta_from_segmentation`;
 3. :func:`qtheta_from_segmentation` sets q(theta) of the SLDS guide to one conjugate update
    of the model's own prior with the statistics of ``z`` under that segmentation (the
    variational Bayes update that treats ``z`` as observed): per regime an MNIW from the
@@ -24,12 +26,13 @@ chooses the starting point.  Front layer (reads the guide's structure and parame
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numpyro_svae import arhmm as _arhmm
 from numpyro_svae.expfam.dirichlet import DirichletStandard, dirichlet_to_unconstrained
 from numpyro_svae.expfam.mniw import MNIWStandard, mniw_to_unconstrained
 
@@ -43,8 +46,8 @@ class SwitchingInit(NamedTuple):
 
     params: dict  # site name -> array: ``init_params`` for ``SVI.init``
     regimes: np.ndarray  # [N, T] int, AR-HMM Viterbi regime of each step of z
-    transitions_per_regime: np.ndarray  # [K] transitions z_t -> z_{t+1} assigned to each
-    arhmm: Any  # the fitted baselines.HMMBaselineFit
+    transitions_per_regime: np.ndarray  # [K] kept transitions z_t -> z_{t+1} of each
+    arhmm: _arhmm.ARHMMFit  # the AR(1)-HMM fit (on standardised z when ``standardize``)
 
 
 def _structure(guide, model_args, model_kwargs):
@@ -56,16 +59,20 @@ def _structure(guide, model_args, model_kwargs):
     return st
 
 
-def _check_z(z, D: int) -> np.ndarray:
+def _check_z(z, D: int, step_mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """``z`` as float64 ``[N, T, D]`` and the ``[N, T]`` bool step mask; only the steps that
+    the mask keeps must be finite."""
     z = np.asarray(z, np.float64)
     if z.ndim != 3 or z.shape[-1] != D:
         raise ValueError(f"`z` must have shape [N, T, {D}] (the model's latent dimension); "
                          f"got {list(z.shape)}")
     if z.shape[1] < 2:
         raise ValueError(f"`z` needs at least 2 time steps; got T = {z.shape[1]}")
-    if not np.all(np.isfinite(z)):
-        raise ValueError("`z` holds NaN or inf entries")
-    return z
+    mask = _check_mask(step_mask, z.shape[:2])
+    if not np.all(np.isfinite(z[mask])):
+        raise ValueError("`z` holds NaN or inf entries" + (
+            "" if step_mask is None else " at steps where `step_mask` is True"))
+    return z, mask
 
 
 def _check_regimes(regimes, shape, K: int, what: str) -> np.ndarray:
@@ -115,7 +122,8 @@ def qtheta_from_segmentation(
         The guide of an SLDS model (its structure is discovered from ``model_args`` /
         ``model_kwargs`` if it has not been called yet).
     z : array [N, T, D]
-        Latent trajectories (e.g. smoothed means of a one-regime SVAE).
+        Latent trajectories (e.g. smoothed means of a one-regime SVAE); entries at steps
+        that ``step_mask`` leaves out are ignored (they may be NaN).
     regimes : array [N, T] int
         Regime of each step in ``0 .. K-1``; ``regimes[:, t]`` (``t >= 1``) drives
         ``z_{t-1} -> z_t`` (the AR-HMM convention).  For models with one regime per
@@ -138,14 +146,13 @@ def qtheta_from_segmentation(
     ------
     ValueError
         Not an SLDS model; ``z``, ``regimes`` or ``step_mask`` of the wrong shape; regimes
-        out of range; non-finite ``z``; ``pseudo_count <= 0``.
+        out of range; non-finite ``z`` at kept steps; ``pseudo_count <= 0``.
     """
     st = _structure(guide, model_args, model_kwargs)
     K, D = st.K, st.D
-    z = _check_z(z, D)
+    z, mask = _check_z(z, D, step_mask)
     N, T, _ = z.shape
     r = _check_regimes(regimes, (N, T), K, "one per step of `z`")
-    mask = _check_mask(step_mask, (N, T))
     if not pseudo_count > 0:
         raise ValueError(f"`pseudo_count` must be > 0; got {pseudo_count}")
     c = float(pseudo_count)
@@ -267,13 +274,15 @@ def arhmm_init(
     pseudo_count: float = 1.0,
     standardize: bool = True,
     carry: dict | None = None,
+    step_mask=None,
+    options: _arhmm.ARHMMOptions | None = None,
 ) -> SwitchingInit:
     """Start an SLDS-SVAE's switching dynamics from an AR(1)-HMM fitted to latents.
 
-    Fits ``numpyro_svae.baselines.fit_arhmm`` (dynamax 1.0.3, EM from k-means, float64) with
-    the guide's number of regimes to ``z`` (each latent dimension standardised with its mean
-    and standard deviation first when ``standardize``; the segmentation does not depend on
-    the units, but k-means and EM do), takes the Viterbi path as the segmentation and
+    Fits :func:`numpyro_svae.arhmm.fit_arhmm` (MAP-EM from k-means, float64) with the guide's
+    number of regimes to ``z`` (each latent dimension standardised with its mean and standard
+    deviation over the kept steps first when ``standardize``; the segmentation does not depend
+    on the units, but k-means and EM do), takes the Viterbi path as the segmentation and
     builds q(theta) with :func:`qtheta_from_segmentation` from the unstandardised ``z``.
 
     Parameters
@@ -282,7 +291,8 @@ def arhmm_init(
         Guide of the SLDS model to initialise.
     z : array [N, T, D]
         Latent trajectories, e.g. ``guide_lds.posterior(params, x, ...).latent_mean`` of a
-        one-regime SVAE with the same latent dimension.  Every step is used (no padding).
+        one-regime SVAE with the same latent dimension.  Entries at steps that ``step_mask``
+        leaves out are ignored (they may be NaN).
     rng_key : jax.random key
         For the AR-HMM's k-means initialisation.
     model_args, model_kwargs
@@ -297,43 +307,46 @@ def arhmm_init(
         Parameters to start from as well (e.g. the one-regime run's encoder, decoder and
         initial-state factor, ``svi.get_params(state)``); the q(theta) sites set here take
         precedence.  Parameters whose shapes do not fit the SLDS guide must be left out.
+    step_mask : array [N, T] bool, optional
+        Steps with data (False: padding); default all.  Masked steps give the AR-HMM neither
+        emissions nor statistics, and q(theta) only counts pairs of kept steps.  They still
+        get a regime in ``regimes`` (see :func:`numpyro_svae.arhmm.segment`).
+    options : numpyro_svae.arhmm.ARHMMOptions, optional
+        Priors and initialisation of the AR-HMM (default ``ARHMMOptions()``).
 
     Returns
     -------
     SwitchingInit
         ``params`` for ``SVI.init(..., init_params=...)``, the segmentation, transitions per
-        regime and the AR-HMM fit.
+        regime (pairs of kept steps) and the AR-HMM fit.
 
     Raises
     ------
     ValueError
-        As :func:`qtheta_from_segmentation`; also if the AR-HMM fit is not finite (too many
-        regimes for the data: dynamax's M-step has no prior on the regression weights).
-    ImportError
-        If dynamax is not installed (``pip install 'numpyro_svae[baselines]'``).
+        As :func:`qtheta_from_segmentation` and :func:`numpyro_svae.arhmm.fit_arhmm` (e.g.
+        fewer kept transitions than regimes); also if the fit is not finite.
     """
-    from numpyro_svae import baselines
-
     st = _structure(guide, model_args, model_kwargs)
-    z = _check_z(z, st.D)
-    fit_z = z
+    z, mask = _check_z(z, st.D, step_mask)
+    fit_z = np.where(mask[..., None], z, 0.0)
     if standardize:
-        flat = z.reshape(-1, z.shape[-1])
-        fit_z = (z - flat.mean(0)) / np.maximum(flat.std(0), 1e-12)
+        kept = z[mask]  # [M, D]
+        fit_z = np.where(mask[..., None],
+                         (fit_z - kept.mean(0)) / np.maximum(kept.std(0), 1e-12), 0.0)
     with jax.enable_x64(True):
-        fit = baselines.fit_arhmm(jnp.asarray(fit_z, jnp.float64), st.K, key=rng_key,
-                                  num_lags=1, num_iters=num_iters)
-        if not np.all(np.isfinite(np.asarray(fit.params.emissions.covs))):
+        fit = _arhmm.fit_arhmm(jnp.asarray(fit_z, jnp.float64), st.K, key=rng_key, mask=mask,
+                               num_iters=num_iters, options=options)
+        if not all(np.all(np.isfinite(np.asarray(a))) for a in fit.params):
             raise ValueError(
-                f"the AR-HMM fit with K = {st.K} regimes on {z.shape[0] * z.shape[1]} latent "
-                f"frames is not finite (a regime lost all its frames); use fewer regimes or "
-                f"more data")
-        regimes = np.asarray(baselines.segment(fit, jnp.asarray(fit_z, jnp.float64)))
-    regimes = regimes.astype(np.int64)
+                f"the AR-HMM fit with K = {st.K} regimes on {int(mask.sum())} latent frames "
+                f"is not finite")
+        regimes = _arhmm.segment(fit, jnp.asarray(fit_z, jnp.float64), mask)
     qtheta = qtheta_from_segmentation(guide, z, regimes, model_args=model_args,
-                                      model_kwargs=model_kwargs, pseudo_count=pseudo_count)
+                                      model_kwargs=model_kwargs, step_mask=mask,
+                                      pseudo_count=pseudo_count)
     params = dict(carry or {})
     params.update(qtheta)
-    per_regime = np.bincount(regimes[:, 1:].ravel(), minlength=st.K)
+    pair_ok = mask[:, 1:] & mask[:, :-1]
+    per_regime = np.bincount(regimes[:, 1:][pair_ok], minlength=st.K)
     return SwitchingInit(params=params, regimes=regimes, transitions_per_regime=per_regime,
                          arhmm=fit)

@@ -1,5 +1,7 @@
 """Switching initialisation: q(theta) from a segmentation, and from an AR-HMM fit."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,35 @@ def test_arhmm_init_recovers_synthetic_regimes_and_dynamics(key):
         # ~700 transitions per regime: the prior (column precision 11 around [0.9 I | 0])
         # shrinks the estimate by ~2 %, noise adds ~0.01
         np.testing.assert_allclose(np.asarray(std.M[pred]), true_Ab[truth], atol=0.05)
+
+
+def test_arhmm_init_ignores_padding_and_needs_no_dynamax(monkeypatch):
+    """Padded steps (NaN, step_mask False) change neither the segmentation of the kept steps
+    nor q(theta); the AR-HMM is the library's own (importing dynamax would fail here)."""
+    from numpyro_svae.arhmm import ARHMMFit
+
+    monkeypatch.setitem(sys.modules, "dynamax", None)
+    data = synthetic_slds(4, num_sequences=3, num_timesteps=40, num_regimes=K, latent_dim=D,
+                          obs_dim=DX, dynamics_noise_std=0.05)
+    z = np.asarray(data.z)
+    N, T = z.shape[:2]
+    inits = []
+    for pad in (0, 6):
+        zp = np.concatenate([z, np.full((N, pad, D), np.nan)], axis=1)
+        mask = np.arange(T + pad)[None] < np.array([T, T, T - 5])[:, None]
+        zp[2, T - 5:] = np.nan
+        kw = dict(N=N, T=T + pad, K=K, D=D, Dx=DX)
+        inits.append(arhmm_init(_guide(), zp, rng_key=jax.random.key(1),
+                                model_args=(np.zeros((N, T + pad, DX)),), model_kwargs=kw,
+                                num_iters=10, step_mask=mask))
+    a, b = inits
+    assert isinstance(a.arhmm, ARHMMFit)
+    np.testing.assert_array_equal(b.regimes[:, :T - 5], a.regimes[:, :T - 5])
+    np.testing.assert_array_equal(b.transitions_per_regime, a.transitions_per_regime)
+    assert a.transitions_per_regime.sum() == 2 * (T - 1) + (T - 6)
+    assert set(a.params) == set(b.params)
+    for name in a.params:
+        np.testing.assert_allclose(a.params[name], b.params[name], rtol=1e-5, atol=1e-6)
 
 
 def test_initialize_bad_inputs_name_the_argument():
