@@ -8,7 +8,7 @@ seed-sensitive: with seed 0, natgrad_lr 0.02 gives 0.988 (0.05 gave 0.76-0.98 de
 the random-number stream of the initialisation); the data of seeds 1 and 2 end with two
 regimes merged (~0.65 / ~0.77) at either rate.
 
-The model is the ARCHITECTURE.md SLDS (leading regime ``k0``; regime ``k_t`` drives
+The model is the SLDS of docs/model_guide.md (leading regime ``k0``; regime ``k_t`` drives
 ``z_{t-1} -> z_t``), with a nonlinear MLP decoder; the data come from
 `numpyro_svae.datasets.synthetic.synthetic_slds` (same convention).  Regime accuracy is the
 frame accuracy of ``argmax q(k_t)`` for ``t >= 1`` after the best one-to-one relabelling.
