@@ -15,7 +15,10 @@ to its latent means and q(theta) of the SLDS is set from that segmentation
 decoder of the LDS-SVAE fixed. This is the recipe of ``bench/bench_real.py`` on mocap6.
 
 Bad input (a path to nothing, a malformed file, an incompatible or corrupted checkpoint) gives
-one error line and exit code 2, never a traceback.
+one error line and exit code 2, never a traceback. A run stores its data's absolute path and
+fingerprint, which ``evaluate`` and ``fit --resume`` check; ``fit`` checkpoints every
+``--checkpoint-every`` steps and on Ctrl-C / SIGTERM, so an interrupted run can be resumed
+(`numpyro_svae.cli_checks`).
 """
 
 from __future__ import annotations
@@ -29,16 +32,35 @@ import pathlib
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from .cli_checks import (
+    CHECKPOINT_EVERY,
+    LOG_EVERY,
+    TrainingInterrupted,
+    array_fingerprint,
+    data_record,
+    deferred_signals,
+    fingerprint_problem,
+    is_file_dataset,
+    make_stage,
+    missing_dataset_problem,
+    npz_problem,
+    out_problem,
+    publish,
+    resolve_dataset,
+    stage_checkpoint,
+    stale_stages,
+)
+
 __all__ = ["main", "FitConfig", "CLIError"]
 
-CHECKPOINT_VERSION = 1
+# 2: the optimizer state holds the skip counters; checkpoint.json the data fingerprint
+CHECKPOINT_VERSION = 2
 NATURAL_STEPS = ("linear", "exact", "guarded")
 """`FitConfig.natural_step`: SGD on the unconstrained coordinates, exact natural steps, or SGD
 with the exact step where the straight line overshoots.  The same tuple as
@@ -99,6 +121,7 @@ class Data(NamedTuple):
     test_mask: np.ndarray
     label_names: tuple
     note: str = "standardised with training statistics"  # shown in the report
+    fingerprint: str = ""  # of the arrays as read (`data_fingerprint`); "" = from the fields
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,17 +174,35 @@ def _load_file(path: str) -> Data:
             "nor an existing file")
     if p.suffix != ".npz":
         raise CLIError(f"dataset file {path!r} must be a .npz holding `x` [N, T, Dx]")
+    problem = npz_problem(p)
+    if problem:
+        raise CLIError(problem)
     try:
         with np.load(p, allow_pickle=False) as f:
-            x = np.asarray(f["x"], np.float32)
-            labels = np.asarray(f["labels"]) if "labels" in f else None
-            mask = np.asarray(f["mask"], bool) if "mask" in f else np.ones(x.shape[:2], bool)
-    except KeyError:
-        raise CLIError(f"dataset file {path!r} has no array `x`") from None
+            raw = {k: np.asarray(f[k]) for k in ("x", "labels", "mask") if k in f}
+    except ValueError as e:  # object arrays (pickled Python objects) are never read
+        pickled = "bject" in str(e) or "pickle" in str(e)
+        raise CLIError(f"dataset file {path!r} holds pickled Python objects (an object "
+                       "array), which are not read: store numeric arrays" if pickled else
+                       f"dataset file {path!r} is not a valid .npz: {e}") from None
     except Exception as e:  # zip/format errors from a malformed file
-        raise CLIError(f"dataset file {path!r} is not a readable .npz: {e}") from None
+        raise CLIError(f"dataset file {path!r} is not a valid .npz: {e}") from None
+    if "x" not in raw:
+        raise CLIError(f"dataset file {path!r} has no array `x`")
+    for k, a in raw.items():
+        if a.dtype.kind not in "biuf":
+            raise CLIError(f"`{k}` in {path!r} must hold numbers; got dtype {a.dtype}")
+    x = raw["x"].astype(np.float32)
+    labels = raw.get("labels")
+    mask = raw["mask"].astype(bool) if "mask" in raw else np.ones(x.shape[:2], bool)
     if x.ndim != 3:
         raise CLIError(f"`x` in {path!r} must have shape [N, T, Dx]; got {list(x.shape)}")
+    if x.shape[1] < 2:
+        raise CLIError(f"`x` in {path!r} has T = {x.shape[1]} steps per sequence; sequences "
+                       "must have T >= 2 steps (shape [N, T, Dx])")
+    if x.shape[2] < 1:
+        raise CLIError(f"`x` in {path!r} has Dx = 0 channels; it needs at least one channel "
+                       "(shape [N, T, Dx])")
     if labels is not None and labels.shape != x.shape[:2]:
         raise CLIError(f"`labels` in {path!r} must have shape {list(x.shape[:2])}; "
                        f"got {list(labels.shape)}")
@@ -192,7 +233,8 @@ def _load_file(path: str) -> Data:
     names = tuple(str(i) for i in np.unique(labels[labels >= 0])) if labels is not None else ()
     return Data(x[:n], lab[0], mask[:n], x[n:], lab[1], mask[n:], names,
                 note=f"first {n} sequences train, the other {x.shape[0] - n} held out; "
-                "channels standardised with training statistics")
+                "channels standardised with training statistics",
+                fingerprint=array_fingerprint(raw))
 
 
 # ------------------------------------------------------------------------------------------
@@ -310,6 +352,19 @@ def _fingerprint(data: Data) -> str:
     return h.hexdigest()
 
 
+def data_fingerprint(data: Data) -> str:
+    """Content fingerprint a run stores of its data (`cli_checks.array_fingerprint`).
+
+    A ``.npz`` file's is taken over its arrays as read, before standardisation (set by
+    `_load_file`); a named dataset's over the loaded arrays, labels included. Unlike the
+    cache key `_fingerprint`, a relabelled or rescaled copy of the data differs.
+    """
+    if data.fingerprint:
+        return data.fingerprint
+    return array_fingerprint({k: getattr(data, k) for k in (
+        "train_x", "train_labels", "train_mask", "test_x", "test_labels", "test_mask")})
+
+
 def natgrad_rate(cfg: FitConfig) -> dict:
     """`natural_gradient`'s rate arguments for `cfg`.
 
@@ -318,7 +373,7 @@ def natgrad_rate(cfg: FitConfig) -> dict:
     optimizer's step count is part of the checkpoint, so a resume with a larger ``--steps``
     continues on the longer curve from where it stopped).  Stochastic VB settles only with
     a decaying rate; on mocap6 the decay kept the switching stage from drifting into fewer
-    regimes (``docs/benchmarks.md``, session 12).
+    regimes (``docs/benchmarks.md``, real data).
     """
     if cfg.natgrad_schedule == "constant":
         return dict(natgrad_lr=cfg.natgrad_lr)
@@ -331,6 +386,8 @@ def natgrad_rate(cfg: FitConfig) -> dict:
 def build(cfg: FitConfig, data: Data) -> Run:
     """Model, guide and SVI object for `cfg` on the training data (cached per process)."""
     ident = cfg.identity()
+    for k in ("dataset", "data_path"):  # where the data were read: the arrays are the key
+        ident.pop(k)
     if cfg.natgrad_schedule != "constant":  # the decay's length is the run's `steps`
         ident["steps"] = cfg.steps
     key = (json.dumps(ident, sort_keys=True), _fingerprint(data))
@@ -384,8 +441,15 @@ def _flatten_state(state) -> tuple[list[np.ndarray], Any]:
 
 
 def save_checkpoint(folder: pathlib.Path, state, cfg: FitConfig, step: int,
-                    losses: np.ndarray) -> None:
-    """Write ``checkpoint.npz`` and ``checkpoint.json`` atomically (no pickle)."""
+                    losses: np.ndarray, *, data: dict | None = None, complete: bool = True,
+                    info: dict | None = None) -> None:
+    """Write ``checkpoint.npz`` and ``checkpoint.json`` atomically (no pickle).
+
+    ``data`` is the run's `cli_checks.data_record` (path and fingerprint, checked by
+    ``evaluate`` and ``fit --resume``); ``complete=False`` marks a checkpoint written during
+    training (periodically or on an interruption); ``info`` (the switching initialisation's
+    summary) is carried to the metrics of a resumed run.
+    """
     leaves, _ = _flatten_state(state)
     arrays = {f"leaf_{i:04d}": a for i, a in enumerate(leaves)}
     arrays["losses"] = np.asarray(losses, np.float64)
@@ -399,7 +463,12 @@ def save_checkpoint(folder: pathlib.Path, state, cfg: FitConfig, step: int,
         "step": int(step),
         "sha256": digest,
         "leaves": [[list(a.shape), str(a.dtype)] for a in leaves],
+        "complete": bool(complete),
     }
+    if data is not None:
+        meta["data"] = data
+    if info:
+        meta["info"] = info
     os.replace(tmp, folder / "checkpoint.npz")
     tmpj = folder / "checkpoint.json.tmp"
     tmpj.write_text(json.dumps(meta, indent=1))
@@ -424,6 +493,9 @@ def check_checkpoint(folder: pathlib.Path, cfg: FitConfig | None = None) -> dict
         raise CLIError(f"checkpoint {str(npz_p)!r} is corrupted (checksum mismatch)")
     if cfg is not None:
         diff = {k: (saved[k], v) for k, v in cfg.identity().items() if saved.get(k) != v}
+        if ("dataset" in diff and (meta.get("data") or {}).get("fingerprint")
+                and is_file_dataset(saved["dataset"]) and is_file_dataset(cfg.dataset)):
+            diff.pop("dataset")  # data moved: its fingerprint is checked once loaded
         if diff:
             what = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise CLIError(f"incompatible checkpoint in {str(folder)!r}: {what}")
@@ -466,12 +538,15 @@ MAX_SKIPPED_IN_A_ROW = 20
 
 def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
           progress: bool = True, warmup_steps: int = 0, warmup_weight: float = 0.1,
-          desc: str = "fit"):
+          desc: str = "fit", callback=None):
     """Run `steps` SVI steps from `state` (or a fresh init). Returns (state, losses).
 
     The first `warmup_steps` steps weight the local KL by `warmup_weight` (their losses
     are the weighted ones). Skipped steps (non-finite loss, state kept) appear as NaN in
     `losses`; more than `MAX_SKIPPED_IN_A_ROW` in a row end the run with a `CLIError`.
+    ``callback(done, state, losses[:done])`` runs after each step (periodic checkpoints).
+    Ctrl-C or SIGTERM raises `cli_checks.TrainingInterrupted`, a ``KeyboardInterrupt``
+    holding the state and losses of the steps completed so far.
     """
     if state is None:
         state = run.init(cfg.seed, data.train_x)
@@ -484,23 +559,29 @@ def train(run: Run, data: Data, cfg: FitConfig, *, steps: int, state=None,
 
         bar = tqdm(total=steps, desc=desc, file=sys.stderr, mininterval=1.0)
     in_a_row = 0
-    for i in range(steps):
-        state, loss = (warm if i < warmup_steps else update)(state)
-        losses[i] = float(loss)
-        in_a_row = 0 if np.isfinite(losses[i]) else in_a_row + 1
-        if in_a_row > MAX_SKIPPED_IN_A_ROW:
+    done = (state, 0)  # one assignment, so an interruption never sees half a step
+    try:
+        for i in range(steps):
+            new, loss = (warm if i < warmup_steps else update)(done[0])
+            losses[i] = float(loss)
+            done = (new, i + 1)
+            in_a_row = 0 if np.isfinite(losses[i]) else in_a_row + 1
+            if in_a_row > MAX_SKIPPED_IN_A_ROW:
+                raise CLIError(
+                    f"training diverged: {in_a_row} steps in a row had a non-finite loss (at "
+                    f"step {i + 1}); try a smaller --lr or --natgrad-lr")
             if bar is not None:
-                bar.close()
-            raise CLIError(
-                f"training diverged: {in_a_row} steps in a row had a non-finite loss (at step "
-                f"{i + 1}); try a smaller --lr or --natgrad-lr")
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{losses[i]:.4g}")
+            if callback is not None:
+                callback(i + 1, new, losses[:i + 1])
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(done[0], losses[:done[1]].copy()) from None
+    finally:
         if bar is not None:
-            bar.update(1)
-            if i % 10 == 0:
-                bar.set_postfix(loss=f"{losses[i]:.4g}")
-    if bar is not None:
-        bar.close()
-    return state, losses
+            bar.close()
+    return done[0], losses
 
 
 INIT_WARMUP_FRACTION = 0.5  # of --init-steps, with the local KL weighted by INIT_WARMUP_WEIGHT
@@ -538,7 +619,8 @@ def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = Tr
 
     Returns ``(state, info)``: the SLDS SVI state and a JSON-ready summary (``init_*``:
     the LDS-SVAE's steps, warm-up and last loss, frames and transitions per regime).
-    Raises `CLIError` when dynamax is missing or the AR-HMM fit fails.
+    The AR-HMM sees only the observed steps (``data.train_mask``): padding is not segmented.
+    Raises `CLIError` when the AR-HMM fit fails.
     """
     import jax
 
@@ -564,9 +646,8 @@ def switching_start(run: Run, data: Data, cfg: FitConfig, *, progress: bool = Tr
     try:
         init = arhmm_init(run.guide, z, rng_key=jax.random.key(cfg.seed),
                           model_args=(data.train_x,), model_kwargs=run.model_kwargs,
-                          num_iters=em_iters, pseudo_count=pseudo_count, carry=carry)
-    except ImportError as e:
-        raise CLIError(f"--init arhmm: {e}") from None
+                          num_iters=em_iters, pseudo_count=pseudo_count, carry=carry,
+                          step_mask=np.asarray(data.train_mask, bool))
     except ValueError as e:
         raise CLIError(f"--init arhmm failed: {e}") from None
     state = run.init(cfg.seed, data.train_x, init_params=init.params)
@@ -802,67 +883,159 @@ def _report(cfg: FitConfig, data: Data, m: dict, plots: list, seconds: float) ->
 # ------------------------------------------------------------------------------------------
 
 
-def _staging(out: pathlib.Path) -> pathlib.Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; a run folder is not
-    return stage
+def _clear_stale(out: pathlib.Path, cfg: FitConfig, resume: bool) -> None:
+    """Remove the staging folders of `out` left by dead runs (killed, crashed machine).
+
+    The newest compatible checkpoint among them that is ahead of `out`'s is not lost: with
+    `resume` it becomes `out` (and training goes on from it); without, the command stops
+    and says so (`out` does not exist then: that is checked first).
+    """
+    stale = stale_stages(out)
+    if not stale:
+        return
+    have = stage_checkpoint(out) if out.exists() else None
+    best = None
+    for found in filter(None, map(stage_checkpoint, stale)):
+        try:
+            check_checkpoint(found.folder, cfg)
+        except CLIError:
+            continue  # another configuration's: not this run's to continue
+        if found.step > (have.step if have else -1) and (best is None or found.step > best.step):
+            best = found
+    if best is not None:
+        if not resume:
+            raise CLIError(f"an interrupted run of {str(out)!r} left a checkpoint at step "
+                           f"{best.step} in {str(best.folder)!r}: continue it with --resume, "
+                           "or delete that folder to start afresh")
+        publish(best.folder, out)
+        print(f"numpyro-svae: continuing from the checkpoint at step {best.step} that an "
+              f"interrupted run left in {str(best.folder)!r}", file=sys.stderr)
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
 
 
-def cmd_fit(cfg: FitConfig, out: pathlib.Path, *, resume: bool, progress: bool) -> dict:
-    """Train, evaluate and write the run folder `out` (atomically)."""
+def _init_summary(meta: dict, out: pathlib.Path) -> dict | None:
+    """The switching initialisation's summary of a run being resumed."""
+    if meta.get("info"):
+        return meta["info"]
+    try:  # runs whose checkpoint predates `info`: their metrics.json
+        old_m = json.loads((out / "metrics.json").read_text())
+        return {k: v for k, v in old_m.items() if k.startswith("init")} or None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # metrics are rewritten; the checkpoint is what counts
+
+
+def cmd_fit(cfg: FitConfig, out: pathlib.Path, *, resume: bool, progress: bool,
+            checkpoint_every: int = CHECKPOINT_EVERY) -> dict:
+    """Train, evaluate and write the run folder `out` (atomically).
+
+    Every `checkpoint_every` steps (0: never) a checkpoint is written into the staging
+    folder; on Ctrl-C or SIGTERM the last completed step's checkpoint becomes `out` (a
+    folder holding only ``checkpoint.*``, ``"complete": false``) for ``--resume``.
+    """
+    problem = out_problem(out)
+    if problem:
+        raise CLIError(problem)
     if out.exists() and not resume:
         raise CLIError(f"output folder {str(out)!r} exists; use --resume to continue it or "
                        "choose another --out")
-    if resume:
-        check_checkpoint(out, cfg)  # fail before loading data or compiling anything
+    _clear_stale(out, cfg, resume)
+    # fail before loading data or compiling anything
+    meta = check_checkpoint(out, cfg) if resume else {}
     data = load_data(cfg)
+    record = data_record(cfg.dataset, cfg.data_path, data_fingerprint(data))
+    problem = fingerprint_problem(meta.get("data"), record["fingerprint"],
+                                  record["path"] or cfg.dataset, str(out))
+    if problem:
+        raise CLIError(problem)
     run = build(cfg, data)
     t0 = time.time()
-    state, prev_losses, done = None, np.empty(0), 0
+    state, prev_losses, done, extra = None, np.empty(0), 0, None
     if resume:
         template = run.template(cfg.seed, data.train_x)
         state, done, prev_losses = load_checkpoint(out, template, cfg)
-    extra = None
-    if resume and (out / "metrics.json").exists():  # the initialisation's summary stays
-        try:
-            old_m = json.loads((out / "metrics.json").read_text())
-            extra = {k: v for k, v in old_m.items() if k.startswith("init")} or None
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            extra = None  # metrics are rewritten below; the checkpoint is what counts
-    stage = _staging(out)
+        extra = _init_summary(meta, out)
+    stage = make_stage(out)
+
+    def save(folder, st, losses, complete=False):
+        save_checkpoint(folder, st, cfg, len(losses), losses, data=record,
+                        complete=complete, info=extra)
+
+    def checkpoint(folder, st, losses, complete=False):
+        with deferred_signals():  # a second Ctrl-C must not tear the pair of files
+            save(folder, st, losses, complete)
+
+    def on_step(k, st, new_losses):
+        total = done + k
+        if checkpoint_every and total % checkpoint_every == 0:
+            checkpoint(stage, st, np.concatenate([prev_losses, new_losses]))
+        if not progress and total % (checkpoint_every or LOG_EVERY) == 0:
+            print(f"numpyro-svae: step {total}/{cfg.steps}, loss {new_losses[-1]:.6g}",
+                  file=sys.stderr, flush=True)
+
+    latest = None  # (state, losses) of the last completed training step
     try:
         if state is None and cfg.init == "arhmm":
             state, extra = switching_start(run, data, cfg, progress=progress)
-        state, losses = train(run, data, cfg, steps=max(0, cfg.steps - done), state=state,
-                              progress=progress)
+        try:
+            state, losses = train(run, data, cfg, steps=max(0, cfg.steps - done),
+                                  state=state, progress=progress, callback=on_step)
+        except TrainingInterrupted as e:
+            latest = (e.state, np.concatenate([prev_losses, e.losses]))
+            raise
         t_train = time.time() - t0
         losses = np.concatenate([prev_losses, losses])
-        save_checkpoint(stage, state, cfg, len(losses), losses)
+        latest = (state, losses)
+        checkpoint(stage, state, losses, complete=True)
         ev = _evaluate(run, run.svi.get_params(state), data, cfg, seed=cfg.seed)
         m = write_outputs(stage, run, state, losses, data, cfg, ev, time.time() - t0,
                           train_seconds=t_train, extra=extra)
-        old = None
-        if out.exists():  # resume: swap folders so that `out` is always a complete run
-            old = out.with_name(stage.name + ".old")
-            os.replace(out, old)
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(stage, out)
+        latest = None  # `out` is the complete run now
+    except KeyboardInterrupt:
+        if latest is None and out.exists() and not stage.exists():
+            raise  # interrupted right after the complete run was published
+        if latest is None or len(latest[1]) <= done:
+            kept = f"{str(out)!r} is unchanged" if resume else "no run folder written"
+            raise KeyboardInterrupt(f"before any training step completed; {kept}") from None
+        shutil.rmtree(stage, ignore_errors=True)  # only the checkpoint is published
+        stage = make_stage(out)
+        with deferred_signals():
+            save(stage, *latest)
+            publish(stage, out)
+        raise KeyboardInterrupt(
+            f"checkpoint at step {len(latest[1])} of {cfg.steps} saved in {str(out)!r}; "
+            "continue with `numpyro-svae fit --resume` and the same options") from None
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
     return m
 
 
-def cmd_evaluate(run_dir: pathlib.Path) -> dict:
-    """Re-score a finished run on its held-out data (prints and returns the metrics)."""
+def cmd_evaluate(run_dir: pathlib.Path, *, dataset: str | None = None,
+                 data_path: str | None = None) -> dict:
+    """Re-score a finished run on its held-out data (prints and returns the metrics).
+
+    `dataset` / `data_path` replace the stored ones (data that moved); the data must have
+    the fingerprint stored in the checkpoint either way.
+    """
     if not (run_dir / "checkpoint.json").exists():
         raise CLIError(f"{str(run_dir)!r} is not a numpyro-svae run folder (no checkpoint.json)")
-    cfg = FitConfig(**check_checkpoint(run_dir)["config"])
+    meta = check_checkpoint(run_dir)
+    cfg = FitConfig(**meta["config"])
+    if dataset is not None:
+        cfg = dataclasses.replace(cfg, dataset=resolve_dataset(dataset))
+    else:
+        problem = missing_dataset_problem(cfg.dataset, run_dir)
+        if problem:
+            raise CLIError(problem)
+    if data_path is not None:
+        cfg = dataclasses.replace(cfg, data_path=os.path.abspath(data_path))
     data = load_data(cfg)
+    path = data_record(cfg.dataset, cfg.data_path, "")["path"] or cfg.dataset
+    problem = fingerprint_problem(meta.get("data"), data_fingerprint(data), path, str(run_dir))
+    if problem:
+        raise CLIError(problem)
     run = build(cfg, data)
     state, _, _ = load_checkpoint(run_dir, run.template(cfg.seed, data.train_x), cfg)
     return evaluate_run(run, run.svi.get_params(state), data, cfg, seed=cfg.seed)
@@ -910,7 +1083,12 @@ def _parser() -> argparse.ArgumentParser:
                             "q(k) instead of a fresh random one (after --init arhmm: from "
                             "the AR-HMM segmentation)")
         q.add_argument("--fast", action="store_true", help="fewer samples in evaluation")
-        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.add_argument("--no-progress", action="store_true",
+                       help="no progress bar: one line (step, loss) per --checkpoint-every "
+                            f"steps instead ({LOG_EVERY} when checkpoints are off)")
+        q.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
+                       help="write a checkpoint every this many training steps (0: never), "
+                            "which --resume continues from after an interruption")
 
     f = sub.add_parser("fit", help="train a model and write a run folder")
     common(f, FitConfig())
@@ -921,6 +1099,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="svae_demo", help="output folder (default svae_demo)")
     e = sub.add_parser("evaluate", help="score a finished run on its held-out data")
     e.add_argument("run", help="run folder written by fit")
+    e.add_argument("--dataset", default=None,
+                   help="the run's data at another path (its fingerprint must match)")
+    e.add_argument("--data-path", default=None, help="mocap6: the folder at another path")
     return p
 
 
@@ -962,7 +1143,7 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised by hand
     raise KeyboardInterrupt
 
 
-# XLA CPU settings for the command's own process (``docs/design.md``, session 8): XLA's
+# XLA CPU settings for the command's own process (``docs/design.md``, XLA CPU settings): XLA's
 # long-standing elemental fusion emitter instead of the newer MLIR one. The training step of
 # `bench/bench_step.py` compiles in 14.1 s instead of 22.3 s and the process peaks at
 # 1.02 GB instead of 2.09 GB, at about the same step time (44.7 vs 42.6 ms). A flag the user
@@ -1010,24 +1191,31 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     try:
         if args.command == "evaluate":
-            m = cmd_evaluate(pathlib.Path(args.run))
+            m = cmd_evaluate(pathlib.Path(args.run), dataset=args.dataset,
+                             data_path=args.data_path)
             print(json.dumps(m, indent=1))
             return 0
-        cfg = FitConfig(
-            dataset=args.dataset, data_path=args.data_path, family=args.family, K=args.K,
+        data_path = None if args.data_path is None else os.path.abspath(args.data_path)
+        cfg = FitConfig(  # paths stored absolute: a run can be resumed from anywhere
+            dataset=resolve_dataset(args.dataset), data_path=data_path, family=args.family,
+            K=args.K,
             D=args.D, hidden=args.hidden, steps=args.steps, seed=args.seed, lr=args.lr,
             natgrad_lr=args.natgrad_lr, max_iters=args.max_iters, fast=args.fast,
             init=args.init, init_steps=args.init_steps, freeze_networks=args.freeze_networks,
             window=args.window, natural_step=args.natural_step,
             natgrad_schedule=args.natgrad_schedule, warm_start=args.warm_start)
         _check_config(cfg)
+        if args.checkpoint_every < 0:
+            raise CLIError(f"--checkpoint-every must be >= 0 (0: no checkpoints); got "
+                           f"{args.checkpoint_every}")
         out = pathlib.Path(args.out)
         resume = getattr(args, "resume", False)
         if args.command == "demo" and out.exists() and not resume:
-            if not ((out / "report.md").exists() and (out / "checkpoint.json").exists()):
+            if not (out / "checkpoint.json").exists():  # a complete or interrupted run
                 raise CLIError(f"output folder {str(out)!r} exists and is not a run folder")
             shutil.rmtree(out)  # a previous demo run: start afresh
-        m = cmd_fit(cfg, out, resume=resume, progress=not args.no_progress)
+        m = cmd_fit(cfg, out, resume=resume, progress=not args.no_progress,
+                    checkpoint_every=args.checkpoint_every)
         print(f"wrote {out}/report.md")
         print(json.dumps(m, indent=1))
         return 0
@@ -1037,8 +1225,8 @@ def _main(args) -> int:
     except NotImplementedError as e:
         print(f"numpyro-svae: error: not supported yet: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("numpyro-svae: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"numpyro-svae: interrupted{': ' if str(e) else ''}{e}", file=sys.stderr)
         return 130
 
 
