@@ -7,9 +7,9 @@ data, networks, initialisation and SVI keys, and every run of a setting gives th
 the same rule (``SETTINGS``); only the rule for the q(theta) parameters (``"qtheta$..."``
 sites) changes.  Two settings of the network rule (``--net-rule``):
 
-* ``cosine`` (default since session 9): ``optax.adam`` with a cosine decay from 2e-2 to 5e-4
+* ``cosine`` (default): ``optax.adam`` with a cosine decay from 2e-2 to 5e-4
   over the first 2,000 steps (then constant), 6,000 steps per run;
-* ``constant``: ``optax.adam(5e-3)``, 8,000 steps per run (sessions 1-8; results in
+* ``constant``: ``optax.adam(5e-3)``, 8,000 steps per run (results in
   ``bench/results/natgrad_constant_net.json`` and ``natgrad_seeds_constant_net.json``).
 
 The q(theta) rules:
@@ -18,12 +18,12 @@ The q(theta) rules:
   `SVAEGuide` produces: straight-through expected statistics + natural-gradient custom VJP
   of the unconstrained map); a few rates, and (constant setting) 0.05 after holding
   q(theta) at its initial value for 300 steps (``hold``).  Runs named ``natural_exact``
-  (session 10, cosine setting) pass the guide, ``natural_gradient(..., guide=guide)``, so that
+  (cosine setting) pass the guide, ``natural_gradient(..., guide=guide)``, so that
   each step lands exactly on ``eta - lr * natgrad`` in natural parameters instead of
   following the straight line in the unconstrained coordinates; in the JSON they are
   ``"optimizer": "natural"`` with ``"natural_step": "exact"`` (``"linear"`` for the others),
   and the ``natural`` row is the best natural-gradient run of either kind.  Runs named
-  ``natural_decay`` / ``natural_exact_decay`` (session 12, ``--runs`` only) decay the
+  ``natural_decay`` / ``natural_exact_decay`` (``--runs`` only) decay the
   natural-gradient rate with the network rule's cosine shape (``lr`` to ``0.025 lr`` over
   ``DECAY_STEPS``); in the JSON ``"natural_rate": "cosine"`` (``"constant"`` otherwise).
 * ``adam`` / ``sgd``: ``SVAEGuide(..., natural_gradients=False)``, which builds q(theta)
@@ -107,8 +107,8 @@ def _constant_net_rule() -> optax.GradientTransformation:
 # (optimizer, q(theta) learning rate, hold) per run: a small sweep for every rule (each
 # optimizer's row reports its best run).  ``hold`` > 0 keeps q(theta) at its initial value
 # for that many steps before the natural-gradient steps start (a schedule that is 0 and then
-# the rate; the networks train from step 1), session 7's remedy for the regime merge on
-# seed 0 under the constant network rate; the decaying network rate does without it.
+# the rate; the networks train from step 1): it avoided the regime merge on seed 0 under
+# the constant network rate; the decaying network rate does without it.
 SETTINGS = {
     "cosine": {
         "net_rule": _cosine_net_rule, "steps": 6000, "suffix": "",
@@ -126,8 +126,8 @@ SETTINGS = {
         "runs": [("natural", 0.02, 0), ("natural", 0.05, 0), ("natural", 0.05, 300),
                  ("adam", 1e-3, 0), ("adam", 5e-3, 0), ("adam", 2e-2, 0), ("adam", 5e-2, 0),
                  ("sgd", 1e-4, 0), ("sgd", 1e-3, 0)],
-        # natural 0.05 and Adam 2e-2 (the best rates of the session-3 seed-0 sweep) and the
-        # held natural run of session 7
+        # natural 0.05 and Adam 2e-2 (the best rates of an earlier seed-0 sweep) and the
+        # held natural run
         "seed_runs": [("natural", 0.05, 0), ("natural", 0.05, 300), ("adam", 2e-2, 0)],
     },
 }

@@ -1,4 +1,4 @@
-"""Real-data evaluation: SLDS-SVAE vs LDS-SVAE vs classical baselines (issue 6).
+"""Real-data evaluation: SLDS-SVAE vs LDS-SVAE vs classical baselines.
 
 ``python bench/bench_real.py [--mocap6 PATH] [--fast] [--only mocap6|basic_motions]
 [--models M,...] [--seed S --natural-step linear|exact|guarded --natgrad-schedule
@@ -7,8 +7,8 @@ constant|cosine --test-trial T --warm-start --impute-masks M --save-state DIR --
 
 Data sets (``numpyro_svae.datasets``; standardised with training statistics):
 
-* ``mocap6`` (``load_mocap6(PATH)``, default ``../shared/data/mocap6`` from the repository
-  root; skipped with a message when absent): the five training trials are cut into windows
+* ``mocap6`` (``load_mocap6(PATH)``, default ``DEFAULT_MOCAP6``, outside the package;
+  skipped with a message when absent): the five training trials are cut into windows
   of ``WINDOW`` frames (stride ``STRIDE``, tails dropped) for *every* model; the held-out
   trial ``14_14`` (387 frames, 6 exercises) is scored whole.  ``--test-trial`` holds out
   another trial instead (``MOCAP6_TEST_TRIALS``: those whose exercises all occur in the
@@ -37,12 +37,12 @@ regression weights) turns non-finite with ``K = 12`` (and with ``K = 8`` in floa
   ``final_steps`` steps, the networks fixed when ``freeze_networks``
   (``--freeze-networks``); ``natural_step`` is the command's ``--natural-step`` (``linear``: SGD
   on the unconstrained coordinates; ``exact``: natural-parameter steps, ``--natural-step exact``
-  here; session 11 compared both over three seeds on mocap6, docs/benchmarks.md; ``guarded``: the
+  here; both compared over three seeds on mocap6 in docs/benchmarks.md; ``guarded``: the
   linear step, with the exact step for a factor where the straight line overshoots it, mocap6's
-  rule since session 14, in both SVAE stages and the LDS-SVAE row, docs/design.md; BasicMotions
+  rule, in both SVAE stages and the LDS-SVAE row, docs/design.md; BasicMotions
   keeps ``linear``); ``natgrad_schedule`` is the command's ``--natgrad-schedule`` for the SLDS row
-  (``cosine``: the natural-gradient rate decays to 0 over the SLDS steps; mocap6's recipe since
-  session 13, better on average over three seeds but not in every run, docs/benchmarks.md; the
+  (``cosine``: the natural-gradient rate decays to 0 over the SLDS steps; mocap6's recipe,
+  better on average over three seeds but not in every run, docs/benchmarks.md; the
   LDS-SVAE row keeps the constant rate, as the switching initialisation's first stage does;
   BasicMotions, trained from a random start for 250 steps, keeps ``constant``);
 * ``arhmm`` / ``gaussian_hmm``: ``numpyro_svae.baselines`` (dynamax 1.0.3 linear AR(1)-HMM and
@@ -56,14 +56,14 @@ Metrics, all on the held-out (test) sequences:
   matching (Hungarian), ``regimes_used`` = number of distinct predicted regimes;
 * imputation: ``GAPS_PER_SEQ`` non-overlapping windows of 10-30 frames per test sequence, drawn
   (seeded) strictly inside the sequence, hidden from every model; ``impute_masks`` such masks
-  (``CONFIG``; mocap6: 32 since session 17, 8 in session 16; BasicMotions: 1), each an
+  (``CONFIG``; mocap6: 32; BasicMotions: 1), each an
   imputation task of its own on a copy of the test sequences, the first one the mask of the
   earlier single-mask protocol (mask m is the same for any number of masks above m);
   ``impute_rmse`` over the hidden entries of all masks together (standardised units; per mask
   in ``runs.<data set>.timings.<model>.impute_rmse_per_mask``) and ``impute_loglik`` = mean
   Gaussian log density per hidden entry with a diagonal predictive variance (SVAEs: mean and
   variance of ``IMPUTE_SAMPLES`` posterior predictive draws of ``predict.impute`` per
-  held-out mean-field start, ``impute_restarts`` starts (mocap6: 16, since session 9); Gaussian
+  held-out mean-field start, ``impute_restarts`` starts (mocap6: 16); Gaussian
   HMM: exact moments of the smoothed-mixture predictive; AR-HMM: moments propagated through
   the gap with the smoothed regime marginals, the same forward roll as
   ``baselines.impute``; interpolation: none);
@@ -346,8 +346,8 @@ def run_svae(family: str, data: cli.Data, K: int, cfg: dict, task: ImputeTask,
         row.update(ari=None, accuracy=None, regimes_used=1)
     timing["eval_segmentation"] = time.time() - t2
     t2 = time.time()
-    # ``impute_restarts`` held-out mean-field starts, IMPUTE_SAMPLES draws from each (since
-    # session 9 for mocap6; ``predict.impute(num_restarts=...)``)
+    # ``impute_restarts`` held-out mean-field starts, IMPUTE_SAMPLES draws from each
+    # (``predict.impute(num_restarts=...)``)
     restarts = cfg.get("impute_restarts", 1)
     restarts = min(restarts, 2) if fast else restarts
     S = (FAST["impute_samples"] if fast else IMPUTE_SAMPLES) * restarts
@@ -580,8 +580,8 @@ def main(argv=None) -> int:
                         "segmentation)")
     p.add_argument("--impute-masks", type=int, default=None, metavar="M",
                    help="imputation: M gap masks on copies of the test sequences (default: "
-                        "CONFIG's: mocap6 32, BasicMotions 1; 1 = the protocol before "
-                        "session 16)")
+                        "CONFIG's: mocap6 32, BasicMotions 1; 1 = the single-mask "
+                        "protocol)")
     p.add_argument("--save-state", default=None, metavar="DIR",
                    help="SVAEs: write each row's final SVI state to DIR/<data set>_<family>_"
                         "seed<S>/ as a `numpyro-svae fit` checkpoint (cli.save_checkpoint; "

@@ -1,7 +1,7 @@
 """Shared numerics for positive-definite matrices.
 
 Every PD solve, log-determinant and inverse in the library goes through these helpers so
-that symmetrisation and Cholesky factorisation happen in one place (STYLE.md rule 9).
+that symmetrisation and Cholesky factorisation happen in one place.
 All functions act on the trailing two axes and broadcast over leading ones.
 """
 

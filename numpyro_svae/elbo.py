@@ -1,6 +1,6 @@
 """`SVAE_ELBO`: the SVAE objective as a drop-in ``numpyro.infer`` loss.
 
-For a batch of ``B`` of the ``N`` sequences (ARCHITECTURE.md section 2, svae_math.md 3.1)::
+For a batch of ``B`` of the ``N`` sequences (docs/math.md §6)::
 
     ELBO = (N / B) * sum_b [ E_q log p(x_b | z_b) - KL(q(z_b) q(k_b) || p(z_b, k_b | E theta)) ]
            - KL(q(theta) || p(theta))

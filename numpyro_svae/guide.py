@@ -5,7 +5,7 @@ The guide owns
 - ``q(theta)``: one natural-parameter block per conjugate global of the model (NIW for the
   initial state, MNIW for the dynamics, Dirichlets for the initial regime and the transition
   rows), stored as unconstrained ``numpyro.param`` sites named ``f"{prefix}{block}"`` whose
-  gradients are natural gradients (svae_math.md section 5);
+  gradients are natural gradients (docs/math.md §8);
 - the encoder network (``f"{encoder_name}$params"``), mapping each sequence to Gaussian node
   potentials;
 - the structured mean field ``q(z) q(k)`` computed by `meanfield.mf_fixed_point`.
@@ -232,7 +232,7 @@ class SVAEGuide:
     Parameters
     ----------
     model : callable
-        The NumPyro model (see ARCHITECTURE.md section 3, docs/model_guide.md); it is traced
+        The NumPyro model (see docs/model_guide.md); it is traced
         once, lazily, on the first call (:attr:`structure`).
     encoder : eqx.Module or callable
         Maps one sequence ``x [T, Dx]`` and its mask (``[T, Dx]`` or ``[T]``) to node
@@ -247,7 +247,7 @@ class SVAEGuide:
     prefix : str
         Common prefix of the q(theta) parameter sites (give the same to `natural_gradient`).
     init_S, init_nu, init_lam, init_loc_sd, init_kappa, init_alpha_ii, init_alpha_ij : float
-        Initial q(theta) (svae_math.md section 1.3): Wishart scales ``D * init_S * I``, dof
+        Initial q(theta) (docs/math.md §1): Wishart scales ``D * init_S * I``, dof
         ``D + init_nu``, NIW ``lam = init_lam`` and MNIW ``V = init_lam I``, MNIW mean
         ``0.9 I`` plus ``N(0, init_loc_sd^2)`` off-diagonal and bias entries (random per
         regime, so regimes start apart), Dirichlet ``alpha = init_kappa + 0.01`` (initial
@@ -277,7 +277,7 @@ class SVAEGuide:
         ``"best"``: also run the mean field from a fresh random q(k) and keep, per
         sequence, the fixed point with the better mean-field objective (``surrogate``;
         twice the mean-field work): the warm start's steadiness with the random start's
-        chance of leaving a poor basin (``docs/design.md``, session 15).
+        chance of leaving a poor basin (``docs/design.md``, training choices).
 
     Attributes
     ----------

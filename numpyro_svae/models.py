@@ -3,7 +3,7 @@
 These are ordinary NumPyro models, written exactly as a user would (see
 `docs/model_guide.md`); the command-line tool and the notebooks use them, and they are a
 starting point to copy and edit. Hyper-parameter defaults follow the research code
-(`svae_math.md` section 1.3): sticky transitions (100 on the diagonal, 0.5 elsewhere),
+(`docs/math.md` §1): sticky transitions (100 on the diagonal, 0.5 elsewhere),
 Wishart scale `D * I` with `D + 2` degrees of freedom, vague means, `A ~ 0.9 I`.
 """
 

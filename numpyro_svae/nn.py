@@ -1,10 +1,10 @@
 """Default networks: a Gaussian-potential encoder and a NumPyro-registered decoder.
 
 The encoder is an :mod:`equinox` module mapping one sequence ``x [T, Dx]`` to diagonal
-Gaussian node potentials ``(R [T, D], r [T, D])`` in natural form (svae_math.md section 1.6):
+Gaussian node potentials ``(R [T, D], r [T, D])`` in natural form (docs/math.md §3):
 ``log l(z_t | x) = -1/2 z_t' diag(R_t) z_t + r_t' z_t``.  The decoder is called *inside* a
 NumPyro model; it registers its parameters with :func:`numpyro.param` and returns a function
-``z [..., D] -> (loc, scale)`` of a diagonal Gaussian likelihood (svae_math.md section 1.5).
+``z [..., D] -> (loc, scale)`` of a diagonal Gaussian likelihood (docs/math.md §3).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ Every family of `SVAEGuide` is served:
   categorical ``k_n ~ q(k_n)``, then ``z_n ~ q(z_n | k_n)`` as for the HMM.
 
 The model is called as ``model(x, **model_kwargs)`` (the ready-made models of
-`numpyro_svae.models` and the ARCHITECTURE.md example); ``x`` is ``[N, T, Dx]`` with the
+`numpyro_svae.models` and docs/model_guide.md); ``x`` is ``[N, T, Dx]`` with the
 sequences first (``[N, Dx]`` for a mixture model).  Outputs are always sequences-first, with
 a time axis of length 1 for a mixture.
 """

@@ -251,10 +251,10 @@ class ConjugateStructure:
         Whether the dynamics have an affine term (``[A|b]``, ``Din = D + 1``).
     leading_regime : bool
         True when the regime chain has ``T`` variables and the first one (``k0``) has no
-        continuous effect (the ARCHITECTURE.md model: the step that samples ``k_t`` uses it
-        for ``z_t``). False for the paper convention (one regime per transition, ``T - 1``
-        variables); a model written with the regime of the *previous* step driving the
-        transition is reported as False and ``dangling_regime`` True. False for lds/hmm/gmm.
+        continuous effect (the step that samples ``k_t`` uses it for ``z_t``). False for the
+        paper convention (one regime per transition, ``T - 1`` variables); a model written
+        with the regime of the *previous* step driving the transition is reported as False
+        and ``dangling_regime`` True. False for lds/hmm/gmm.
     dangling_regime : bool
         True when the last regime sampled in the scan drives nothing (lag-one form): its
         posterior equals its prior ``P[k_{T-1}]`` row and the guide samples it from there.
@@ -1132,7 +1132,7 @@ class _Discovery:
         obs_in = [n for n in self.scan_names if self.kind(n) == "observed"]
         if obs_in:
             _fail(obs_in[0], "observed inside the scan", "emit the observations once, outside "
-                  "the scan, from the stacked states (see ARCHITECTURE.md section 3)")
+                  "the scan, from the stacked states (see docs/model_guide.md)")
 
         def slot_of(site, hint):
             slots = [i for i, d in enumerate(self.body_carry_out) if d == {site}]
@@ -1458,7 +1458,7 @@ def discover_structure(model, *args, rng_key=None, **kwargs) -> ConjugateStructu
     Parameters
     ----------
     model : callable
-        A NumPyro model (see ARCHITECTURE.md section 3 for the expected shape).
+        A NumPyro model (see docs/model_guide.md for the expected shape).
     *args, **kwargs
         Arguments of the model, as SVI will pass them (with the data).
     rng_key : jax.Array or int, optional

@@ -1,4 +1,4 @@
-"""One dtype-keyed tolerance table for numeric comparisons (STYLE.md rule 13)."""
+"""One dtype-keyed tolerance table for numeric comparisons (one place for every tolerance)."""
 
 import jax.numpy as jnp
 

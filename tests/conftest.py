@@ -10,14 +10,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Cheaper XLA CPU compilation for the test run (most of the suite's time is compilation):
 # XLA's long-standing elemental IR emitter for fusions instead of the newer MLIR "fusion
-# emitters" (session 8: the notebook-sized SLDS training step compiles in 5.8 s instead of
-# 10.8 s, the compiled eager guide body in 4.8 s instead of 8.3 s; every test passes), and
-# LLVM optimisation level 1 without its expensive passes.  Measured on the 2-core machine:
-# compile-bound tests -23 % CPU time, the longest training test -13 % (session 5).  Level 0
-# is faster still (session 6: 648 s against 798 s for the whole suite in the working
-# tree), but in all three fresh-clone runs of session 6 a worker segfaulted inside XLA's
-# compiler at level 0, in two different tests (docs/design.md, session 6); no run
-# at level 1 without the persistent cache has crashed.  No fast-math is involved (XLA's
+# emitters" (measured on the 2-core machine: the notebook-sized SLDS training step compiles
+# in 5.8 s instead of 10.8 s, the compiled eager guide body in 4.8 s instead of 8.3 s; every
+# test passes), and LLVM optimisation level 1 without its expensive passes (compile-bound
+# tests -23 % CPU time, the longest training test -13 %).  Level 0 is faster still (648 s
+# against 798 s for the whole suite in the working tree), but in three fresh-clone runs out
+# of three a worker segfaulted inside XLA's compiler at level 0, in two different tests
+# (docs/design.md, test-run settings); no run at level 1 without the persistent cache has
+# crashed.  No fast-math is involved (XLA's
 # default stays off), so results are IEEE-identical up to operation order.  Subprocesses
 # (notebook kernels) inherit the variable.  Benchmarks and library users keep XLA's
 # defaults; the emitter flag is the `numpyro-svae` command's (`cli.XLA_CPU_DEFAULTS`).
@@ -36,11 +36,11 @@ import pytest  # noqa: E402
 # callbacks involved; the computation never ran).  Synchronous dispatch removes that path.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
-# No persistent XLA cache by default.  Sessions 2-4 shared one per test run between the
-# xdist workers (tests compile the same programs from different closures), but a worker
+# No persistent XLA cache by default.  One cache shared per test run between the xdist
+# workers (tests compile the same programs from different closures) saved time, but a worker
 # aborted inside the cache write (`compilation_cache.put_executable_and_time` ->
-# `executable.serialize()`) in sessions 3, 4 and 5 (one run in several, different tests),
-# which takes the test run down with it.  Set NUMPYRO_SVAE_TEST_JAX_CACHE to a folder to
+# `executable.serialize()`) in one run in several (different tests), which takes the test
+# run down with it.  Set NUMPYRO_SVAE_TEST_JAX_CACHE to a folder to
 # use one anyway (the notebook kernels of tests/test_notebooks.py follow the same variable).
 if os.environ.get("NUMPYRO_SVAE_TEST_JAX_CACHE"):
     jax.config.update("jax_compilation_cache_dir", os.environ["NUMPYRO_SVAE_TEST_JAX_CACHE"])
@@ -58,9 +58,9 @@ def key():
 
 @pytest.fixture
 def mocap6_path():
-    """Path to the shared mocap6 folder; skips when it is absent (e.g. on a user's machine)."""
+    """Path to the mocap6 data folder; skips when it is absent (e.g. on a user's machine)."""
     if not (MOCAP6 / "mocap6.mat").exists():
-        pytest.skip("../shared/data/mocap6 is not present")
+        pytest.skip("the mocap6 data folder is not present")
     return MOCAP6
 
 
@@ -69,18 +69,16 @@ def pytest_collection_modifyitems(config, items):
 
     Most of the suite's time is in a few long, compile-bound tests; started last, one of
     them can leave the other xdist worker idle for a minute or more at the end.  Started
-    first, the short tests fill the gaps (``--dist worksteal``).  Session 4 tried this with
-    the shared persistent XLA cache still on and lost a worker to that cache's abort (see
-    above); the cache is off now."""
+    first, the short tests fill the gaps (``--dist worksteal``).  (With the persistent XLA
+    cache on, this order once lost a worker to that cache's abort; the cache is off now.)"""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # A test whose xdist worker dies gets one more run on the replacement worker.  Native
 # crashes inside XLA have cost whole test runs: aborts in the persistent-cache write
-# (sessions 3-5) and segfaults in compilation at optimisation level 0 (session 6, three
-# fresh-clone runs out of three, in `test_fit_with_switching_init_and_frozen_networks`
-# twice and `test_fit_resume_evaluate_end_to_end` once; each passes on its own, one rerun
-# passed, and the third run hung after its rerun).  Only a crash is retried, once per
+# and segfaults in compilation at optimisation level 0 (three fresh-clone runs out of
+# three, in two CLI end-to-end tests that pass on their own; one rerun passed, and the third
+# run hung after its rerun).  Only a crash is retried, once per
 # test, and the summary counts it ("1 rerun").
 # A failing assertion or error fails at once, and so does a second crash of the same test.
 class _CrashRerun:
@@ -103,7 +101,7 @@ class _CrashRerun:
 
 # A hung test ends its worker, so that the crash rerun above applies.  XLA's CPU runtime
 # (jaxlib 0.10.2) can deadlock inside a call: every thread waits on a futex, the call never
-# returns and the process uses no CPU (session 8: `test_stats_kl_entropy_and_density_match_
+# returns and the process uses no CPU (`test_stats_kl_entropy_and_density_match_
 # numpyro[mniw]` run alone on a quiet machine hung 5 times in 6, with and without
 # `--xla_cpu_enable_concurrency_optimized_scheduler=false`, and hung one whole test run; it
 # passes under load, so it is a race).  A test whose process makes no CPU progress for

@@ -168,8 +168,8 @@ def test_fit_with_switching_init_resume_evaluate_end_to_end(tmp_path, capsys, mo
     get their guide (the guarded step, `SVAEGuide.retract(guarded=True)`); the SLDS steps move
     q(theta) but not the frozen networks; incompatible resumes fail before anything runs;
     the run folder (metrics, report, plots, ArviZ file) is complete; `evaluate` recomputes
-    the metrics; a corrupted checkpoint is one clear error line.  (One test instead of two
-    since session 15: a separate random-start run cost another SLDS compilation; the
+    the metrics; a corrupted checkpoint is one clear error line.  (One test instead of two:
+    a separate random-start run cost another SLDS compilation; the
     random start of `fit` is the HMM test's below and the LDS stage's here.)"""
     import arviz as az
 

@@ -1,4 +1,4 @@
-"""The math layers import no NumPyro and rebind no JAX names (STYLE.md rules 1, 6)."""
+"""The math layers import no NumPyro and rebind no JAX names (docs/design.md, Layers)."""
 
 import ast
 import pathlib

@@ -60,9 +60,9 @@ _SEPARATOR = (
 
 @pytest.mark.slow
 def test_notebooks_run_in_fast_mode(monkeypatch):
-    """All notebooks, top to bottom, one after the other in ONE kernel (session 11 measured
-    170 s against 197 s in three kernels); each starts from an empty namespace (``%reset``),
-    so a notebook that used a name only an earlier one defines still fails."""
+    """All notebooks, top to bottom, one after the other in ONE kernel (measured on the 2-core
+    machine: 170 s against 197 s in three kernels); each starts from an empty namespace
+    (``%reset``), so a notebook that used a name only an earlier one defines still fails."""
     cells = [nbformat.v4.new_code_cell(_PRELUDE)]
     for name in NAMES:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)

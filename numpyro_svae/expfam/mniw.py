@@ -12,7 +12,7 @@ the natural parameters are ``(S + M V M',  V M',  V,  nu + D + Din + 1)`` and
 
     A(eta) = nu/2 (D log 2 - log|S|) + log Gamma_D(nu/2) - D/2 log|V| + D Din/2 log 2 pi
 
-(density w.r.t. Lebesgue measure on ``(X, Q)``; svae_math.md section 1.2).  Every function
+(density w.r.t. Lebesgue measure on ``(X, Q)``; docs/math.md §2).  Every function
 broadcasts over leading batch axes, so a ``[K, ...]`` bundle holds the ``K`` regimes.
 """
 

@@ -10,12 +10,12 @@ has cotangent ``eta - eta0``, its natural gradient.
 Optimisers step unconstrained parameters ``u`` with ``eta = T(u)``.  :func:`natgrad_map`
 builds a ``custom_vjp`` of ``T`` whose backward pass maps the natural gradient on ``eta`` to
 ``u`` by the Jacobian of the inverse map, ``(d u / d eta) g`` = ``G_u^-1 grad_u L`` with
-``G_u = J' F J`` the Fisher metric pulled back to ``u`` (svae_math.md section 5.3).
+``G_u = J' F J`` the Fisher metric pulled back to ``u`` (docs/math.md §8).
 
 References
 ----------
 Bendekgey, Hope & Sudderth (2023), "Unbiased learning of deep generative models with
-structured discrete representations", NeurIPS.  svae_math.md sections 5.1-5.4.
+structured discrete representations", NeurIPS.  docs/math.md §8.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def natural_retract(
         coordinates, each entry scaled by ``1 + |std|`` at the start), or on a non-finite
         point.  This catches the straight line's overshoot where the map bends: near the
         softplus floor of a concentration or degree of freedom the first-order step in
-        ``u`` grows like ``1 / (alpha - floor)`` (session 14: one mocap6 step took a
+        ``u`` grows like ``1 / (alpha - floor)`` (measured on mocap6: one step took a
         Dirichlet concentration from its floor to 1.9e8).
 
     Returns

@@ -10,7 +10,7 @@ the natural parameters are ``(S + lam m m',  lam m,  lam,  nu + D + 2)`` and
     A(eta) = nu/2 (D log 2 - log|S|) + log Gamma_D(nu/2) - D/2 log lam + D/2 log 2 pi,
 
 which is the density with respect to Lebesgue measure on ``(mu, Sigma)`` (Johnson et al.'s
-base measure, svae_math.md section 1.2; the ``+ D + 2`` in ``eta4`` is the Jacobian of
+base measure, docs/math.md §2; the ``+ D + 2`` in ``eta4`` is the Jacobian of
 ``tau -> Sigma``).  ``grad A(eta) = E[t]`` exactly; a float64 test proves it.
 
 Every function broadcasts over leading batch axes ``[...]``.

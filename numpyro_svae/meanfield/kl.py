@@ -6,7 +6,7 @@ p(z_{t+1} | z_t, k)]``, every prior term cancels in ``E_q[log q - log p]`` excep
 
     KL = sum_t sum_k q_used_t(k) (eta_t(k) - c_k) + <phi, E t(z)> - log Z_z - log Z_k - c_init
 
-(svae_math.md §3.2, generalised: ``q_used`` may differ from ``q(k)`` before convergence,
+(docs/math.md §6; ``q_used`` may differ from ``q(k)`` before convergence,
 and ``R`` may be diagonal ``[T, D]`` or full ``[T, D, D]``).
 """
 

@@ -3,8 +3,8 @@
 ``slds_expected_potentials`` turns expected statistics of ``q(theta)`` (NIW for the initial
 state, one MNIW per regime, Dirichlet for ``pi_0`` and the rows of ``P``) into the
 `SLDSGlobalPotentials` bundle of ``docs/design.md``.  ``hmm_to_lds_potentials`` and
-``lds_to_hmm_log_potentials`` are the two structured mean-field messages (svae_math.md §2.2,
-§2.3), written in our sign convention (``+h1``).
+``lds_to_hmm_log_potentials`` are the two structured mean-field messages (docs/math.md §4),
+written in our sign convention (``+h1``).
 
 All functions are pure JAX, unbatched (one parameter set / one sequence).
 """
@@ -153,7 +153,7 @@ def slds_expected_potentials(
 
     References
     ----------
-    svae_math.md §1.4 (signs converted to ``+h1``: ``h1 = -E[A' Lambda b]``).
+    docs/math.md §4 (sign convention ``+h1``: ``h1 = -E[A' Lambda b]``).
     """
     nht, tmu, nhmtm, hldt = _unpack4(niw_stats, "niw_stats")
     nhL, XtL, nhXLX, hldL = _unpack4(mniw_stats, "mniw_stats")
@@ -305,7 +305,7 @@ def hmm_to_lds_potentials(
 
     References
     ----------
-    svae_math.md §2.2 (with ``+h1``).
+    docs/math.md §4, q(z) given q(k) (with ``+h1``).
     """
     pot = LDSPotentials(
         J_init=g.J_init,
@@ -346,7 +346,7 @@ def lds_to_hmm_log_potentials(
 
     References
     ----------
-    svae_math.md §2.3.
+    docs/math.md §4, q(k) given q(z).
     """
     return (
         -0.5 * jnp.einsum("kij,tij->tk", g.J11, Ezz[:-1])

@@ -21,7 +21,7 @@ long chains. (An extreme potential can underflow: a state whose probability rela
 others falls below the float range gets probability 0, and a chain whose only paths all do
 gives NaN.)
 
-Two algorithms compute identical outputs (``svae_math.md`` section 2.5):
+Two algorithms compute identical outputs (``docs/math.md`` §5):
 
 - ``hmm_smoother_sequential``: ``lax.scan`` forward filter and backward pass, ``O(T K^2)``.
 - ``hmm_smoother_parallel``: ``lax.associative_scan`` over non-negative ``K x K`` matrices
@@ -440,7 +440,7 @@ def _posterior(pot: HMMPotentials, pp: _ProbPotentials, log_z: Array, w: Array, 
 
 
 def hmm_smoother_sequential(potentials: HMMPotentials, *, pairwise: bool = False) -> HMMPosterior:
-    """Forward-backward with ``lax.scan`` (``svae_math.md`` section 2.5).
+    """Forward-backward with ``lax.scan`` (``docs/math.md`` §5).
 
     Parameters
     ----------

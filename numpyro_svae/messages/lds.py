@@ -37,7 +37,7 @@ References
 ----------
 Johnson et al. (2016), "Composing graphical models with neural networks", appendix on LDS
 message passing; Särkkä & García-Fernández (2021), "Temporal parallelization of Bayesian
-smoothers", IEEE TAC; ``svae_math.md`` sections 2.4 and 3.5.
+smoothers", IEEE TAC; ``docs/math.md`` §5.
 """
 
 from __future__ import annotations
@@ -663,7 +663,7 @@ def _smoother_impl(c: _Canon, method: str) -> LDSPosterior:
     return _smooth_filtered(_filter_impl(c, method), method)
 
 
-# Compiled entry points.  STYLE.md rule 6 keeps jit out of internals because the caller compiles
+# Compiled entry points.  The house style keeps jit out of internals because the caller compiles
 # the whole graph; under an outer jit these nested jits are inlined and cost nothing.  They are
 # here because the small-D kernels are unrolled element-wise code: run eagerly (op by op) they
 # would dispatch thousands of tiny operations per call.
@@ -764,7 +764,7 @@ def lds_smoother_sequential(potentials: LDSPotentials, mask: Array | None = None
 
     References
     ----------
-    ``svae_math.md`` section 2.4; Rauch, Tung & Striebel (1965).
+    ``docs/math.md`` §5; Rauch, Tung & Striebel (1965).
     """
     _validate(potentials, mask)
     return _smoother_jit(potentials, mask, "sequential")

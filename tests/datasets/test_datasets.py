@@ -2,7 +2,7 @@
 
 Oracles: hand slicing and plain NumPy statistics for the helpers; the released mocap6.mat
 for the AMC parser and downsampler; the generating parameters for the synthetic data.
-BasicMotions tests skip without ``aeon``; mocap6 tests skip without ../shared/data/mocap6.
+BasicMotions tests skip without ``aeon``; mocap6 tests skip without the mocap6 data folder.
 """
 
 import importlib.util

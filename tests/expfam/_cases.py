@@ -236,9 +236,10 @@ JITTED = {f.name: _make_jitted(f) for f in FAMILIES}
 
 
 def mocap6_mniw_state(rng: np.random.Generator) -> list[np.ndarray]:
-    """``[S, M, V, nu]`` of the MNIW regime that made long mocap6 runs NaN in float32 (session
-    4): ``D = 4``, ``Din = 5``, ``|M|`` up to 724, ``V ~ A A' + 100 I``, ``S ~ 0.01``, so that
-    ``eta1 = S + M V M'`` is ~1e8.  Draws from `rng` (callers continue its stream)."""
+    """``[S, M, V, nu]`` of the MNIW regime that made long mocap6 runs NaN in float32 before
+    q(theta) was computed from standard parameters: ``D = 4``, ``Din = 5``, ``|M|`` up to 724,
+    ``V ~ A A' + 100 I``, ``S ~ 0.01``, so that ``eta1 = S + M V M'`` is ~1e8.  Draws from
+    `rng` (callers continue its stream)."""
     D, Din = 4, 5
     M = 300.0 * rng.normal(size=(D, Din))
     M[0, 0] = 724.0

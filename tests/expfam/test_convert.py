@@ -109,7 +109,7 @@ def test_stats_kl_entropy_and_density_match_numpyro(fam, key):
         draw, t, log_q, ours_log_q, Et, kl, ent = run(key)
         # log p in a second program: with both NumPyro MNIW log-densities of 20,000 draws in
         # one float64 program, XLA's CPU runtime (jaxlib 0.10.2) deadlocks in most runs on a
-        # quiet machine (docs/design.md, session 8)
+        # quiet machine (docs/design.md, XLA CPU settings)
         log_p = jax.jit(lambda d: logpdf(std_p, d))(draw)
         np.testing.assert_allclose(ours_log_q, log_q, rtol=1e-8, atol=1e-7)
         z = mc_zscores(t, Et)

@@ -202,10 +202,11 @@ def test_guarded_step_keeps_the_straight_line_where_it_is_accurate(family):
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_guarded_step_takes_the_exact_step_where_the_straight_line_overshoots(dtype):
-    """The mocap6 failure (session 14): a concentration at its softplus floor that the
-    natural gradient pushes up.  SGD on ``u`` moves ``u`` by ``dalpha / sigmoid(u)``, so
-    ``alpha`` jumps from ~0 to ~1e7; the exact step adds ``dalpha``.  The guard takes the
-    exact step for that row only and keeps the straight line for the healthy row."""
+    """The mocap6 failure (docs/design.md, the optimizer): a concentration at its softplus
+    floor that the natural gradient pushes up.  SGD on ``u`` moves ``u`` by
+    ``dalpha / sigmoid(u)``, so ``alpha`` jumps from ~0 to ~1e7; the exact step adds
+    ``dalpha``.  The guard takes the exact step for that row only and keeps the straight line
+    for the healthy row."""
     with jax.enable_x64(dtype == jnp.float64):
         floor = 0.01
         u = E.DirichletUnconstrained(jnp.asarray([[-18.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype))

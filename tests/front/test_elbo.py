@@ -177,7 +177,8 @@ def test_synthetic_slds_regime_accuracy_matches_truth():
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
     # measured: accuracy 0.988 after 1500 steps (ELBO -643 -> 422 per sequence), 0.988 after
-    # 1000 and 0.987 after 800 (session 5); seed 0, seed-sensitive (the example's docstring)
+    # 1000 and 0.987 after 800 on the 2-core machine; seed 0, seed-sensitive (the example's
+    # docstring)
     out = ex.run(steps=800, verbose=False)
     assert out["elbo_last"] > out["elbo_first"]
     assert out["accuracy"] >= 0.9, out

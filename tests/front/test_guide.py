@@ -51,7 +51,7 @@ def lds_model(x=None, *, N, T, D=2, Dx=2, sigma=None, mask=None, lengths=None, h
 
 
 def slds_model(x=None, *, N, T, K=3, D=2, Dx=10, hidden=(32,)):
-    """The ARCHITECTURE.md SLDS (leading regime k0), emission [N, T, Dx] in the plate."""
+    """The SLDS with a leading regime k0, emission [N, T, Dx] in the plate."""
     pi0 = numpyro.sample("pi0", dist.Dirichlet(jnp.ones(K)))
     M0 = jnp.concatenate([0.9 * jnp.eye(D), jnp.zeros((D, 1))], 1)
     with numpyro.plate("regimes", K):
@@ -107,7 +107,7 @@ def test_guide_structure_and_param_sites(lds_setup):
 
 # ~10-20 s (Predictive compiles guide + model under vmap); not marked slow, like every user of
 # the module fixture `lds_setup`: a slow mark runs a test first, apart from the others, and
-# the fixture is then built twice (session 15)
+# the fixture is then built twice
 def test_predictive_returns_every_latent_site_matches_model_shapes(lds_setup):
     x, guide, params = lds_setup
     S = 2

@@ -32,7 +32,7 @@ def _emit(name, z0, zs, x, Dx=DX, extra=0.0):
 
 
 def make_slds(K=3, D=2, bias=True, lag=0, mode="latent", wrong=None, names=None):
-    """The ARCHITECTURE.md model with switches for site names, bias, lag and wrong variants."""
+    """The leading-regime SLDS model with switches for site names, bias, lag and wrong variants."""
     n = {**NAMES, **(names or {})}
     Din = D + 1 if bias else D
     M0 = 0.1 * jnp.ones((D, Din))

@@ -204,7 +204,7 @@ def test_lds_case_matches_lds_smoother():
 
 
 # not marked slow (~10 s): a slow mark would run it first, apart from the other users of the
-# module fixture `grads64`, which then builds twice (~20 s each; session 15)
+# module fixture `grads64`, which then builds twice (~20 s each)
 def test_vmap_over_batch_matches_python_loop(grads64):
     (R0, r0, g, init0, mask), out0 = grads64
     with jax.enable_x64(True):
