@@ -785,14 +785,15 @@ def write_outputs(folder: pathlib.Path, run: Run, state, losses, data: Data, cfg
     figs = {
         "elbo.png": lambda p: diagnostics.plot_elbo(losses, path=p),
         "reconstruction.png": lambda p: diagnostics.plot_reconstruction(
-            data.test_x, imp.mean, lower=imp.lower, upper=imp.upper, path=p),
+            data.test_x, imp.mean, lower=imp.lower, upper=imp.upper, mask=data.test_mask,
+            path=p),
     }
     if cfg.family != "lds":
         lab = None
         if data.test_labels is not None:
             lab = data.test_labels[:, -post.regime_marginals.shape[1]:]
         figs["regimes.png"] = lambda p: diagnostics.plot_regimes(
-            post.regime_marginals, lab, path=p)
+            post.regime_marginals, lab, mask=data.test_mask, path=p)
         figs["transition_matrix.png"] = lambda p: diagnostics.plot_transition_matrix(
             post, path=p)
     plots = []

@@ -147,6 +147,12 @@ def to_inference_data(
           (They are not in ``posterior`` because constant "draws" make ``az.summary`` divide
           by zero.)
 
+    Raises
+    ------
+    ValueError
+        For non-finite parameters (the sites named) or NaN/inf at an observed entry of ``x``,
+        as in :func:`numpyro_svae.predict.impute`.
+
     Notes
     -----
     ``r_hat`` is NaN in ``az.summary`` (one chain of independent draws); ``ess`` is close to
@@ -158,7 +164,7 @@ def to_inference_data(
         raise ValueError(f"`num_draws` must be a positive int; got {num_draws!r}")
     if losses is None and hasattr(result_or_params, "losses"):
         losses = result_or_params.losses
-    params = _clean_params(result_or_params)
+    params = _clean_params(result_or_params, "to_inference_data")
     xp, kwargs, entry = _prepare(guide, x, mask, model_kwargs)
     st = guide.structure
     S = num_draws
@@ -258,9 +264,59 @@ def _seq(a, sequence: int, ndim: int, name: str) -> np.ndarray:
     return a
 
 
+def _regime_color(label: int) -> tuple:
+    """The RGBA colour of regime index `label` in every regime plot.
+
+    A fixed map by index (``tab10`` for 0-9, the light ``tab20`` shades for 10-19, then
+    repeating), so that a regime keeps its colour across panels and figures.
+    """
+    from matplotlib import colormaps
+
+    i = int(label)
+    if i < 0:
+        raise ValueError(f"`label` must be a regime index >= 0; got {label}")
+    return tuple(colormaps["tab20"](2 * (i % 10) + (i // 10) % 2))
+
+
+def _ribbon_image(rows: list) -> np.ndarray:
+    """RGBA image ``[len(rows), Tk, 4]`` of label rows (-1 = nothing: transparent)."""
+    img = np.zeros((len(rows), len(rows[0]), 4))
+    for i, row in enumerate(rows):
+        for j, lab in enumerate(row):
+            if lab >= 0:
+                img[i, j] = _regime_color(lab)
+    return img
+
+
+def _observed_length(mask, sequence: int, name: str, batched: bool) -> int | None:
+    """Steps up to the last one with an observed entry (the rest is padding), or None.
+
+    ``mask``: ``[T]`` / ``[T, Dx]`` of one sequence or ``[N, T]`` / ``[N, T, Dx]`` of a
+    batch (`batched`)."""
+    if mask is None:
+        return None
+    m = np.asarray(mask).astype(bool)
+    if batched:
+        if m.ndim not in (2, 3):
+            raise ValueError(f"`{name}` must have shape [N, T] or [N, T, Dx] for a batch; got "
+                             f"{list(m.shape)}")
+        if not 0 <= sequence < m.shape[0]:
+            raise ValueError(f"`sequence` must lie in [0, {m.shape[0]}); got {sequence}")
+        m = m[sequence]
+    elif m.ndim not in (1, 2):
+        raise ValueError(f"`{name}` must have shape [T] or [T, Dx]; got {list(m.shape)}")
+    step = m if m.ndim == 1 else m.any(-1)
+    seen = np.flatnonzero(step)
+    return int(seen[-1]) + 1 if seen.size else 0
+
+
 def plot_regimes(marginals, true_labels=None, *, sequence: int = 0, match: bool = True,
-                 path=None):
+                 mask=None, path=None):
     """Regime ribbon: ``argmax q(k_t)`` (and the true labels) over time, plus ``q(k_t)``.
+
+    Every panel colours a regime by its index with :func:`_regime_color` (after matching,
+    the index shown: the matched true label, or ``K + k`` for an unmatched regime ``k``), so
+    that a regime has the same colour in the ribbon and in the ``q(k)`` bands.
 
     Parameters
     ----------
@@ -271,6 +327,10 @@ def plot_regimes(marginals, true_labels=None, *, sequence: int = 0, match: bool 
         one-to-one matching (`metrics.best_label_matching`) and the accuracy is shown.
     sequence : int
         Which sequence to draw when a batch is given.
+    mask : array [T] / [T, Dx] ([N, T] / [N, T, Dx] with a batch), optional
+        Observation mask of the data, True = observed (e.g. ``SVAEPosterior.mask``).  The
+        steps after the last one with an observed entry are padding and are not drawn (with
+        ``Tk = T - 1`` regime variables, one fewer); gaps inside the sequence are kept.
     path : str or path-like, optional
         Save a PNG there.
 
@@ -282,31 +342,47 @@ def plot_regimes(marginals, true_labels=None, *, sequence: int = 0, match: bool 
 
     q = _seq(marginals, sequence, 2, "marginals")
     Tk, K = q.shape
-    pred = np.argmax(q, -1)
-    rows, names, title = [pred], ["argmax q(k)"], "regimes"
+    batched = np.ndim(marginals) == 3
+    length = _observed_length(mask, sequence, "mask", batched)
+    truth = None
     if true_labels is not None:
         truth = _seq(true_labels, sequence, 1, "true_labels").astype(int)
         if truth.shape[0] != Tk:
             raise ValueError(f"`true_labels` must have {Tk} steps; got {truth.shape[0]}")
+    if length is not None:
+        T = np.shape(mask)[1 if batched else 0]
+        if T not in (Tk, Tk + 1):
+            raise ValueError(f"`mask` must have T = {Tk} or {Tk + 1} steps for {Tk} regime "
+                             f"steps; got shape {list(np.shape(mask))}")
+        keep = max(length - (T - Tk), 0)
+        if keep == 0:
+            raise ValueError(f"`mask` marks no observed step in sequence {sequence}")
+        q = q[:keep]
+        truth = None if truth is None else truth[:keep]
+        Tk = keep
+    pred = np.argmax(q, -1)
+    shown = np.arange(K)  # the index each regime is shown (and coloured) with
+    rows, names, title = [pred], ["argmax q(k)"], "regimes"
+    if truth is not None:
         valid = truth >= 0
         if match and valid.any():
             m = best_label_matching(pred[valid], truth[valid], num_pred=K,
                                     num_true=max(int(truth.max()) + 1, 1))
-            pred = np.where(m.mapping[pred] >= 0, m.mapping[pred], K + pred)
-            rows[0] = pred
+            shown = np.where(m.mapping >= 0, m.mapping, K + np.arange(K))
+            rows[0] = shown[pred]
             title = f"regimes (accuracy {m.accuracy:.2f} after matching)"
         rows.append(np.where(valid, truth, -1))
         names.append("true")
     fig, axes = _figure(2, 1, figsize=(8, 3.5), height_ratios=[len(rows), 2])
     ax = axes[0, 0]
-    ribbon = np.ma.masked_less(np.stack(rows).astype(float), 0)
-    ax.imshow(ribbon, aspect="auto", interpolation="nearest", cmap="tab10", vmin=0, vmax=9)
+    ax.imshow(_ribbon_image(rows), aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(rows)), names)
     ax.set_title(title)
     ax.set_xticks([])
     ax2 = axes[1, 0]
-    ax2.stackplot(np.arange(Tk), q.T, colors=[f"C{i % 10}" for i in range(K)])
-    ax2.set_xlim(0, Tk - 1)
+    ax2.stackplot(np.arange(Tk), q.T, colors=[_regime_color(i) for i in shown],
+                  labels=[f"regime {i}" for i in shown])
+    ax2.set_xlim(0, max(Tk - 1, 1))
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("q(k)")
     ax2.set_xlabel("t")
@@ -322,7 +398,7 @@ def _channels(Dx: int, channels) -> list[int]:
 
 
 def plot_reconstruction(x, recon, *, lower=None, upper=None, sequence: int = 0,
-                        channels=None, path=None):
+                        channels=None, mask=None, path=None):
     """Data against a reconstruction (e.g. decoder means), optionally with a band.
 
     Parameters
@@ -333,6 +409,10 @@ def plot_reconstruction(x, recon, *, lower=None, upper=None, sequence: int = 0,
     sequence : int
     channels : sequence of int, optional
         Channels to draw (default: the first four).
+    mask : array [T] / [T, Dx] ([N, T] / [N, T, Dx] with a batch), optional
+        Observation mask, True = observed.  Data are drawn at observed entries only, and
+        the steps after the last one with an observed entry (padding of a shorter sequence)
+        are not drawn at all; the reconstruction stays drawn in gaps inside the sequence.
     path : optional
         Save a PNG there.
 
@@ -343,16 +423,27 @@ def plot_reconstruction(x, recon, *, lower=None, upper=None, sequence: int = 0,
     xs = _seq(x, sequence, 2, "x")
     rs = _seq(recon, sequence, 2, "recon")
     ch = _channels(xs.shape[1], channels)
+    T = xs.shape[0]
+    length = _observed_length(mask, sequence, "mask", np.ndim(x) == 3)
+    if length is not None:
+        m = np.asarray(mask).astype(bool)
+        m = m[sequence] if np.ndim(x) == 3 else m
+        if m.shape not in ((T,), xs.shape):
+            raise ValueError(f"`mask` must have T = {T} steps (and Dx = {xs.shape[1]} "
+                             f"channels when per entry); got shape {list(np.shape(mask))}")
+        observed = np.broadcast_to(m[:, None] if m.ndim == 1 else m, xs.shape)
+        xs = np.where(observed, xs, np.nan)
+        T = length
     fig, axes = _figure(len(ch), 1, figsize=(8, 1.6 * len(ch) + 0.6), sharex=True)
-    t = np.arange(xs.shape[0])
+    t = np.arange(T)
     for i, c in enumerate(ch):
         ax = axes[i, 0]
         if lower is not None and upper is not None:
-            lo = _seq(lower, sequence, 2, "lower")[:, c]
-            hi = _seq(upper, sequence, 2, "upper")[:, c]
+            lo = _seq(lower, sequence, 2, "lower")[:T, c]
+            hi = _seq(upper, sequence, 2, "upper")[:T, c]
             ax.fill_between(t, lo, hi, color="C1", alpha=0.3, linewidth=0)
-        ax.plot(t, xs[:, c], "k.", markersize=3, label="data")
-        ax.plot(t, rs[:, c], "C1-", label="reconstruction")
+        ax.plot(t, xs[:T, c], "k.", markersize=3, label="data")
+        ax.plot(t, rs[:T, c], "C1-", label="reconstruction")
         ax.set_ylabel(f"x[{c}]")
     axes[0, 0].legend(loc="upper right", fontsize="small")
     axes[-1, 0].set_xlabel("t")

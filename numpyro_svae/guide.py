@@ -1084,7 +1084,15 @@ class SVAEGuide:
         dict
             Site name -> value of shape ``sample_shape + site shape`` (globals, ``z`` and
             ``k`` chains with the model's layouts).
+
+        Raises
+        ------
+        ValueError
+            On an eager call, as :meth:`posterior`: non-finite `params` (sites named) or
+            NaN/inf at an observed entry of the data.
         """
+        _check_finite_params(params, "SVAEGuide.sample_posterior")
+
         def one(key):
             with handlers.trace() as tr, handlers.seed(rng_seed=key), \
                     handlers.substitute(data=params):
@@ -1114,7 +1122,25 @@ class SVAEGuide:
         Returns
         -------
         SVAEPosterior
+
+        Raises
+        ------
+        ValueError
+            On an eager call: `params` hold NaN/inf (the message names the sites; a diverged
+            run), or the observed data hold NaN/inf at an observed entry (the message names
+            the observed site and the first bad sequence, step and dim; mask such entries
+            out).
+
+        Notes
+        -----
+        Under the caller's ``jax.jit`` the parameters and data are traced and neither check
+        can raise: non-finite parameters or observed entries then give NaN (or meaningless)
+        outputs.  Check
+        ``params`` (and the data) for finiteness before a jitted call.  During training the
+        same non-finite values make the loss or update non-finite, and `natural_gradient`
+        skips such steps (:func:`numpyro_svae.skipped_steps` counts them).
         """
+        _check_finite_params(params, "SVAEGuide.posterior")
         rng_key = jax.random.key(0) if rng_key is None else rng_key
         with handlers.block(), handlers.seed(rng_seed=rng_key), \
                 handlers.substitute(data=params):
@@ -1136,6 +1162,38 @@ class SVAEGuide:
             mask=inf.obs.step_mask,
             diagnostics=inf.info,
         )
+
+
+def _nonfinite_param_sites(params: dict) -> list[str]:
+    """Names of the parameter sites holding NaN/inf among their concrete floating leaves
+    (traced leaves, e.g. under the caller's ``jax.jit``, cannot be inspected: skipped)."""
+    bad = []
+    for name, value in params.items():
+        for leaf in jax.tree_util.tree_leaves(value):
+            if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype"):
+                continue
+            if jnp.issubdtype(leaf.dtype, jnp.inexact) and not np.all(np.isfinite(leaf)):
+                bad.append(name)
+                break
+    return bad
+
+
+def _check_finite_params(params: dict, caller: str) -> None:
+    """Refuse parameters holding NaN/inf, naming the sites (eager calls only).
+
+    Called by the public entry points that take fitted parameters (`SVAEGuide.posterior`,
+    `predict.impute`, ...), never inside SVI's traced guide calls.  Under a caller's
+    ``jax.jit`` the values are tracers and nothing can be reported: the outputs are NaN or
+    meaningless.
+    """
+    bad = _nonfinite_param_sites(params)
+    if bad:
+        raise ValueError(
+            f"{caller}: `params` hold NaN/inf at the parameter site(s) {bad}. Such parameters "
+            "come from a diverged run: standardise the data (zero mean, unit variance per "
+            "channel) or lower the learning rates (`natgrad_lr`, the `other` optimizer's); "
+            "`numpyro_svae.skipped_steps(svi_state)` counts the steps the optimizer skipped "
+            "as non-finite")
 
 
 def _check_finite(x, xN, full, message) -> None:

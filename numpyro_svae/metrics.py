@@ -337,7 +337,10 @@ def masked_rmse(x_true, x_pred, mask) -> float:
     x_pred : array, same shape as ``x_true``
         Imputed / reconstructed data.
     mask : bool array [T] / [N, T] (per frame) or the shape of ``x_true`` (per entry)
-        True = observed; the error is averaged over entries where ``mask`` is False.
+        The observation mask given to the model (the convention of `predict.impute`):
+        True / 1 = observed, these entries are NOT scored; False / 0 = held out, and only
+        these entries are scored.  A per-frame mask scores every channel of its False
+        frames.
 
     Returns
     -------
@@ -367,8 +370,11 @@ def gaussian_masked_loglik(x_true, mean, var, mask) -> float:
         Predictive means.
     var : array broadcastable to ``x_true`` (e.g. same shape, ``[Dx]`` or a scalar)
         Predictive variances, > 0.
-    mask : bool array [T] / [N, T] or the shape of ``x_true``
-        True = observed; the log density is averaged over entries where ``mask`` is False.
+    mask : bool array [T] / [N, T] (per frame) or the shape of ``x_true`` (per entry)
+        The observation mask given to the model (the convention of `predict.impute`):
+        True / 1 = observed, these entries are NOT scored; False / 0 = held out, and only
+        these entries are scored.  A per-frame mask scores every channel of its False
+        frames.
 
     Returns
     -------

@@ -69,8 +69,10 @@ class GaussianPotentialEncoder(eqx.Module):
         Floor added to the precisions (keeps ``R > 0`` in float32).
     activation : callable
         Hidden activation (default ``jax.nn.gelu``).
-    key : jax.random key
-        Initialisation key (keyword-only).
+    key : jax.random key, optional
+        Initialisation key (keyword-only); default ``jax.random.key(0)``, so that two
+        encoders built without a key start from the same weights (pass distinct keys for
+        distinct initialisations).
 
     Examples
     --------
@@ -89,7 +91,8 @@ class GaussianPotentialEncoder(eqx.Module):
     min_precision: float = eqx.field(static=True)
 
     def __init__(self, obs_dim: int, latent_dim: int, hidden: Sequence[int] = (128, 128),
-                 bidirectional: bool = False, *, key: Array, min_precision: float = 1e-4,
+                 bidirectional: bool = False, *, key: Array | None = None,
+                 min_precision: float = 1e-4,
                  activation: Callable = jax.nn.gelu):
         for name, v in (("obs_dim", obs_dim), ("latent_dim", latent_dim)):
             if not isinstance(v, int) or v < 1:
@@ -99,6 +102,7 @@ class GaussianPotentialEncoder(eqx.Module):
             raise ValueError("`hidden` must be non-empty when `bidirectional=True`; got ()")
         if min_precision <= 0:
             raise ValueError(f"`min_precision` must be > 0; got {min_precision}")
+        key = jax.random.key(0) if key is None else key
         k_mlp, k_f, k_b, k_h = jax.random.split(key, 4)
         self.obs_dim, self.latent_dim, self.min_precision = obs_dim, latent_dim, min_precision
         if bidirectional:

@@ -49,7 +49,14 @@ from numpyro_svae._linalg import (
     chol_solve,
     psd_cholesky,
 )
-from numpyro_svae.guide import DIAGNOSTICS_SITE, SVAEGuide, _accepts, _iid_regime_log_lik
+from numpyro_svae.guide import (
+    DIAGNOSTICS_SITE,
+    SVAEGuide,
+    _accepts,
+    _check_finite_params,
+    _iid_regime_log_lik,
+    _is_concrete,
+)
 from numpyro_svae.meanfield.potentials import lds_to_hmm_log_potentials
 from numpyro_svae.messages.hmm import HMMPotentials, hmm_log_normalizer, hmm_sample
 from numpyro_svae.messages.lds import LDSPotentials, lds_log_normalizer, lds_sample
@@ -113,13 +120,17 @@ class IWBound(NamedTuple):
 # ------------------------------------------------------------------------------------------
 
 
-def _clean_params(params) -> dict:
+def _clean_params(params, caller: str | None = None) -> dict:
+    """`params` as a plain dict (an ``SVIRunResult`` accepted); with `caller`, refused when a
+    concrete parameter holds NaN/inf (`guide._check_finite_params`)."""
     if hasattr(params, "params") and not isinstance(params, dict):  # SVIRunResult
         params = params.params
     if not isinstance(params, dict):
         raise TypeError(f"`params` must be a dict of parameter values; got {type(params)}")
     params = dict(params)
     params.pop(DIAGNOSTICS_SITE, None)
+    if caller is not None:
+        _check_finite_params(params, caller)
     return params
 
 
@@ -160,7 +171,9 @@ def _prepare(guide: SVAEGuide, x, mask, model_kwargs: dict):
                 "the model has no `mask` argument, so missing entries cannot be marked; "
                 "write the model with a `mask=` keyword (see numpyro_svae.models)")
         kwargs["mask"] = jnp.asarray(mask)
-    bad = ~np.isfinite(np.asarray(x)) & np.asarray(entry)
+    # traced data (the caller's jit) cannot be inspected: NaN outputs instead (documented)
+    bad = (~np.isfinite(np.asarray(x)) & np.asarray(entry)
+           if _is_concrete(x) and _is_concrete(entry) else np.zeros((1,), bool))
     if bad.any():
         where = np.argwhere(bad)[0]
         at = (f"sequence {where[0]}, step {where[1]}, dim {where[2]}" if x.ndim == 3
@@ -671,6 +684,17 @@ def impute(
         variables of the model (``T`` with a leading regime, in the lag-one form and for an
         hmm; ``T - 1`` with one regime per transition); a mixture has ``T = Tk = 1``.
 
+    Raises
+    ------
+    ValueError
+        `params` hold NaN/inf (the message names the parameter sites: a diverged run), or
+        ``x`` holds NaN/inf at an observed entry (the message names ``x`` and the first bad
+        sequence, step and dim).  Both checks need concrete values: under the caller's
+        ``jax.jit`` nothing can be reported and the outputs are NaN (or, where the bad values
+        only enter through a sampled index, silently wrong), so check ``params`` and
+        ``x`` before a jitted call.  (In training, `natural_gradient` skips the non-finite
+        steps such values cause; :func:`numpyro_svae.skipped_steps` counts them.)
+
     Notes
     -----
     Missing steps carry no encoder potential (the guide masks them), so the latent path in
@@ -690,7 +714,7 @@ def impute(
     if num_samples % num_restarts:
         raise ValueError(f"`num_samples` ({num_samples}) must be a multiple of `num_restarts` "
                          f"({num_restarts})")
-    params = _clean_params(params)
+    params = _clean_params(params, "impute")
     x, kwargs, entry = _prepare(guide, x, mask, model_kwargs)
     if num_restarts == 1:
         return _call(_impute_core, guide, (num_samples,), kwargs, params, x, rng_key, entry)
@@ -746,7 +770,9 @@ def forecast(
     Raises
     ------
     ValueError
-        For a mixture (``gmm``) model, which has no time axis to forecast along.
+        For a mixture (``gmm``) model, which has no time axis to forecast along; for
+        non-finite `params` or NaN/inf at an observed entry of ``x``, as in :func:`impute`
+        (eager calls only; under ``jax.jit`` the outputs are NaN or meaningless instead).
 
     Notes
     -----
@@ -756,7 +782,7 @@ def forecast(
     """
     _check_num("num_samples", num_samples)
     _check_num("horizon", horizon)
-    params = _clean_params(params)
+    params = _clean_params(params, "forecast")
     x, kwargs, _ = _prepare(guide, x, mask, model_kwargs)
     family = guide.structure.family
     if family == "gmm":
@@ -819,11 +845,18 @@ def importance_weighted_bound(
     IWBound
         ``bound [N]``, ``predictive [N]``, ``total []``, the log weights ``[S, N]`` and
         ``[S]``, ``frames [N]`` (steps with an observed entry) and ``per_frame [N]``.
+
+    Raises
+    ------
+    ValueError
+        For non-finite `params` or NaN/inf at an observed entry of ``x``, as in
+        :func:`impute` (eager calls only; under ``jax.jit`` the outputs are NaN or
+        meaningless instead).
     """
     _check_num("num_samples", num_samples)
     if proposal not in ("meanfield", "conditional"):
         raise ValueError(f"`proposal` must be 'meanfield' or 'conditional'; got {proposal!r}")
-    params = _clean_params(params)
+    params = _clean_params(params, "importance_weighted_bound")
     x, kwargs, _ = _prepare(guide, x, mask, model_kwargs)
     return _call(_iwae_core, guide, (num_samples, proposal), kwargs, params, x, rng_key)
 
