@@ -38,6 +38,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from numpyro_svae._svi_state import strong_types
+
 from .cli_checks import (
     CHECKPOINT_EVERY,
     LOG_EVERY,
@@ -283,7 +285,7 @@ class Run:
                           loss=SVAE_ELBO(local_kl_weight=local_kl_weight))
                 svi.constrain_fn, svi.static_kwargs = base.constrain_fn, base.static_kwargs
             self._updates[local_kl_weight] = jax.jit(
-                lambda s, x_, svi=svi: _strong(svi.stable_update(s, x_, **kw)))
+                lambda s, x_, svi=svi: strong_types(svi.stable_update(s, x_, **kw)))
         step = self._updates[local_kl_weight]
         return lambda state: step(state, x)
 
@@ -292,7 +294,7 @@ class Run:
         ``init_params`` as in ``SVI.init``."""
         import jax
 
-        state = _strong(self.svi.init(jax.random.PRNGKey(seed), x, init_params=init_params,
+        state = strong_types(self.svi.init(jax.random.PRNGKey(seed), x, init_params=init_params,
                                       **self.model_kwargs))
         if self._template is None:
             self._template = jax.tree_util.tree_map(
@@ -322,22 +324,6 @@ class Run:
         return self._eval_guides[(N, T)]
 
 
-def _strong(tree):
-    """`tree` with strongly typed array leaves (keys untouched).
-
-    The SVI state of a fresh init, of a compiled step and of a checkpoint must have equal
-    abstract types, weak types included, or the compiled step is traced and compiled again.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    def one(a):
-        if getattr(a, "weak_type", False) and not jax.dtypes.issubdtype(
-                a.dtype, jax.dtypes.prng_key):
-            return jnp.asarray(a, dtype=a.dtype)
-        return a
-
-    return jax.tree_util.tree_map(one, tree)
 
 
 _RUNS: dict = {}  # (configuration, data fingerprint) -> Run; the last two built

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from numpyro_svae._svi_state import strong_types
 from numpyro_svae.fit_stages import Stage, StageSummary, SwitchStart, run_stage
 
 __all__ = ["Problem", "RestartResult", "build_problem", "run_restart", "validation_checks"]
@@ -51,19 +52,6 @@ class RestartResult(NamedTuple):
     val_elbo: float
 
 
-def _strong(tree):
-    """`tree` with strongly typed array leaves, so that a fresh SVI state and a compiled
-    step's output have the same abstract types (else the step is compiled again)."""
-    import jax
-    import jax.numpy as jnp
-
-    def one(a):
-        if getattr(a, "weak_type", False) and not jax.dtypes.issubdtype(
-                a.dtype, jax.dtypes.prng_key):
-            return jnp.asarray(a, dtype=a.dtype)
-        return a
-
-    return jax.tree_util.tree_map(one, tree)
 
 
 def _split_arrays(kw: dict) -> tuple[dict, dict]:
@@ -275,7 +263,7 @@ def run_restart(prob: Problem, *, seed: int, label: int, restarts: int, switch: 
     losses, stages = [], []
     init_params = start or None
     if prob.svi_warm is not None:
-        state = _strong(prob.svi_warm.init(k_warm, data.x_tr, init_params=init_params,
+        state = strong_types(prob.svi_warm.init(k_warm, data.x_tr, init_params=init_params,
                                            **prob.kw_warm))
         state, l1, s1 = run_stage(prob.step_warm, state, prob.warmup, name="warmup",
                                   desc="warmup" + tag, **common)
@@ -292,7 +280,7 @@ def run_restart(prob: Problem, *, seed: int, label: int, restarts: int, switch: 
         else:
             init_params = _carry(p1, prob.guide.prefix)
     pos = int(sum(len(a) for a in losses))
-    state = _strong(prob.svi_train.init(k_train, data.x_tr, init_params=init_params,
+    state = strong_types(prob.svi_train.init(k_train, data.x_tr, init_params=init_params,
                                         **prob.kw_tr))
     state, l3, s3 = run_stage(prob.step_train, state, prob.train, name="train", start=pos,
                               desc="train" + tag, **common)
