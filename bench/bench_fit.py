@@ -2,6 +2,7 @@
 
     python bench/bench_fit.py --seeds 0 1 2 3 4
     python bench/bench_fit.py --data mocap6 --test-trial 13_29 --seeds 0 [--mocap6 PATH]
+    python bench/bench_fit.py --data basic_motions --seeds 0
 
 ``synthetic``: the data and the hand-written SLDS model of ``examples/synthetic_slds.py``
 (N = 16 sequences of T = 60 frames, K = 3 regimes, D = 2, 10 channels, nonlinear decoder),
@@ -11,7 +12,9 @@ relabelling.  ``mocap6``: the ready-made SLDS (K = 8, D = 8, hidden 64) on 100-f
 windows (stride 50) of the five training trials, one trial held out (``--test-trial``; the
 data as ``bench/bench_real.py`` loads them), trained by ``fit`` with every default; scored by
 the held-out segmentation ARI beside an AR(1)-HMM with the same K fitted by
-``numpyro_svae.arhmm`` to the training windows' observations.  Each run records the stages
+``numpyro_svae.arhmm`` to the training windows' observations.  ``basic_motions``: the same
+with the ready-made SLDS at K = 4, D = 4 on the 10 training clips of BasicMotions (the
+``aeon`` wheel's split), scored on its 10 test clips.  Each run records the stages
 (steps, stop reason, wall time), skipped steps, warnings and the total wall time; results are
 appended to
 ``bench/results/fit.json`` under ``runs.<data>`` (one row per seed).
@@ -78,14 +81,14 @@ def run_synthetic(seed: int) -> dict:
             "warnings": [str(w.message) for w in caught]}
 
 
-def run_mocap6(seed: int, path: str, test_trial: str) -> dict:
+def run_real(name: str, seed: int, path: str, test_trial: str) -> dict:
     import bench_real
 
     from numpyro_svae import arhmm
 
-    cfg = dict(bench_real.CONFIG["mocap6"], test_trial=test_trial)
-    data = bench_real.load("mocap6", cfg, pathlib.Path(path))
-    K, D, hidden = 8, 8, (64, 64)
+    cfg = dict(bench_real.CONFIG[name], test_trial=test_trial)
+    data = bench_real.load(name, cfg, pathlib.Path(path))
+    K, D, hidden = cfg["K"], cfg["D"], (cfg["hidden"],) * 2
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", svae.FitWarning)
@@ -104,7 +107,8 @@ def run_mocap6(seed: int, path: str, test_trial: str) -> dict:
                            mask=data.train_mask)
     seg = arhmm.segment(base, np.asarray(x_te, np.float64), m_te)[:, 1:]
     ari_ar = adjusted_rand_index(seg[keep], data.test_labels[:, 1:][keep])
-    return {"seed": seed, "test_trial": test_trial, "ari": float(ari),
+    return {"seed": seed, "test_trial": test_trial if name == "mocap6" else None,
+            "ari": float(ari),
             "arhmm_ari": float(ari_ar), "seconds": seconds, "stages": _stages(res),
             "skipped_steps": int(res.summary.skipped_steps),
             "regimes_used": res.summary.regimes_used,
@@ -114,7 +118,8 @@ def run_mocap6(seed: int, path: str, test_trial: str) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", choices=("synthetic", "mocap6"), default="synthetic")
+    p.add_argument("--data", choices=("synthetic", "mocap6", "basic_motions"),
+                   default="synthetic")
     p.add_argument("--mocap6", default=str(ROOT.parent / "shared" / "data" / "mocap6"),
                    help="mocap6 folder (with --data mocap6)")
     p.add_argument("--test-trial", default="13_29", help="mocap6 trial held out")
@@ -124,12 +129,12 @@ def main(argv=None) -> int:
     rows = []
     for s in a.seeds:
         row = (run_synthetic(s) if a.data == "synthetic"
-               else run_mocap6(s, a.mocap6, a.test_trial))
+               else run_real(a.data, s, a.mocap6, a.test_trial))
         print(json.dumps({k: row[k] for k in row if k != "stages"}), flush=True)
         rows.append(row)
     out = pathlib.Path(a.out)
     stored = json.loads(out.read_text()) if out.exists() else {"runs": {}}
-    name = a.data if a.data == "synthetic" else f"mocap6_{a.test_trial}"
+    name = f"mocap6_{a.test_trial}" if a.data == "mocap6" else a.data
     stored["runs"][name] = {"rows": rows, "machine": _machine(),
                               "command": "python bench/bench_fit.py " + " ".join(
                                   argv if argv is not None else sys.argv[1:])}

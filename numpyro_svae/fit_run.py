@@ -310,9 +310,10 @@ def validation_checks(prob: Problem, best: RestartResult) -> tuple[list, int | N
         post = prob.guide.posterior(best.params, data.x_tr, **prob.kw_tr)
         used = int(metrics.regimes_used(np.asarray(post.regime_marginals)))
         if used < prob.K:
+            hint = ("more restarts or fewer regimes" if prob.init == "arhmm"
+                    else "init='arhmm', more restarts or fewer regimes")
             out.append(f"regimes collapsed: only {used} of K = {prob.K} regimes hold at "
-                       "least 1% of the posterior mass on the training data; try "
-                       "init='arhmm', more restarts or fewer regimes")
+                       f"least 1% of the posterior mass on the training data; try {hint}")
     trained = [s for s in best.stages if s.steps > 0]
     for prev, cur in zip(trained[:-1], trained[1:], strict=True):
         a, b = prev.final_loss, cur.final_loss
