@@ -52,6 +52,7 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import xlogy
 
+from numpyro_svae._kmeans import kmeans
 from numpyro_svae._linalg import LOG_2PI, chol_logdet, psd_cholesky, psd_solve, symmetrize
 from numpyro_svae.messages.hmm import HMMPotentials, hmm_smoother
 
@@ -321,30 +322,6 @@ def _run_em(params0: ARHMMParams, data: _Data, prior: _Prior, num_iters: int):
 # ------------------------------------------------------------------------------------------
 
 
-def _sqdist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    return np.sum(x**2, 1)[:, None] - 2.0 * x @ c.T + np.sum(c**2, 1)[None, :]
-
-
-def _kmeans(x: np.ndarray, K: int, rng: np.random.Generator, iters: int) -> np.ndarray:
-    """Labels [M] of k-means with k-means++ seeding (Arthur & Vassilvitskii, 2007)."""
-    centroids = [x[rng.integers(x.shape[0])]]
-    for _ in range(1, K):
-        d2 = np.maximum(_sqdist(x, np.asarray(centroids)).min(axis=1), 0.0)
-        p = d2 / d2.sum() if d2.sum() > 0 else np.full(x.shape[0], 1.0 / x.shape[0])
-        centroids.append(x[rng.choice(x.shape[0], p=p)])
-    c = np.asarray(centroids)
-    labels = np.argmin(_sqdist(x, c), axis=1)
-    for _ in range(iters):
-        for k in range(K):
-            if np.any(labels == k):  # an empty cluster keeps its centroid
-                c[k] = x[labels == k].mean(axis=0)
-        new = np.argmin(_sqdist(x, c), axis=1)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    return labels
-
-
 def _prior_and_pairs(data: _Data, K: int, options: ARHMMOptions):
     """The prior (from pooled statistics of the observed pairs) and the pairs [M, 2D]."""
     z = np.asarray(data.z, np.float64)
@@ -372,7 +349,7 @@ def _initial_params(key, data: _Data, K: int, prior: _Prior, pairs: np.ndarray,
                     options: ARHMMOptions) -> ARHMMParams:
     seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
     feats = (pairs - pairs.mean(0)) / np.maximum(pairs.std(0), 1e-12)
-    labels = _kmeans(feats, K, np.random.default_rng(seed), int(options.kmeans_iters))
+    _, labels = kmeans(feats, K, np.random.default_rng(seed), int(options.kmeans_iters))
     ok = np.asarray(data.pair_ok)
     hard = np.zeros(ok.shape + (K,))
     hard[ok] = np.eye(K)[labels]

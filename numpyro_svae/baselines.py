@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numpyro_svae._kmeans import kmeans
 from numpyro_svae._linalg import LOG_2PI, chol_logdet, chol_solve, psd_cholesky
 
 __all__ = [
@@ -130,15 +131,6 @@ def _lagged_inputs(x: jax.Array, num_lags: int, first: jax.Array) -> jax.Array:
     )
 
 
-def _sqdist(data: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Squared distances [M, K] without an [M, K, Dx] temporary (long mocap data sets)."""
-    return (
-        np.sum(data**2, axis=1)[:, None]
-        - 2.0 * data @ centroids.T
-        + np.sum(centroids**2, axis=1)[None, :]
-    )
-
-
 def _kmeans_init(key, x: jax.Array, num_states: int, options: HMMBaselineOptions):
     """Centroids [K, Dx] and pooled covariance [Dx, Dx] of the frames of ``x`` [N, T, Dx]."""
     data = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])  # [M, Dx]
@@ -148,20 +140,7 @@ def _kmeans_init(key, x: jax.Array, num_states: int, options: HMMBaselineOptions
         )
     seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
     rng = np.random.default_rng(seed)
-    # k-means++ seeding (Arthur & Vassilvitskii, 2007)
-    centroids = [data[rng.integers(data.shape[0])]]
-    for _ in range(1, num_states):
-        d2 = np.maximum(_sqdist(data, np.asarray(centroids)).min(axis=1), 0.0)
-        total = d2.sum()
-        p = d2 / total if total > 0 else np.full(data.shape[0], 1.0 / data.shape[0])
-        centroids.append(data[rng.choice(data.shape[0], p=p)])
-    centroids = np.asarray(centroids)
-    for _ in range(options.kmeans_iters):
-        assign = np.argmin(_sqdist(data, centroids), axis=1)
-        for k in range(num_states):
-            if np.any(assign == k):
-                centroids[k] = data[assign == k].mean(axis=0)
-    assign = np.argmin(_sqdist(data, centroids), axis=1)
+    centroids, assign = kmeans(data, num_states, rng, options.kmeans_iters)
     resid = data - centroids[assign]
     cov = resid.T @ resid / data.shape[0]
     cov = cov + options.cov_jitter * max(float(np.mean(np.var(data, axis=0))), 1e-12) * np.eye(
