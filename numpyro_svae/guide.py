@@ -82,7 +82,8 @@ from numpyro_svae.optim import QTHETA_PREFIX
 
 Array = jax.Array
 
-__all__ = ["SVAEGuide", "SVAEPosterior", "DIAGNOSTICS_SITE", "WARM_START_SITE"]
+__all__ = ["SVAEGuide", "SVAEPosterior", "DIAGNOSTICS_SITE", "WARM_START_SITE",
+           "check_finite_params"]
 
 DIAGNOSTICS_SITE = "svae$diagnostics"
 """Name of the ``numpyro.mutable`` site holding the inner-solver diagnostics of the last step."""
@@ -1091,7 +1092,7 @@ class SVAEGuide:
             On an eager call, as :meth:`posterior`: non-finite `params` (sites named) or
             NaN/inf at an observed entry of the data.
         """
-        _check_finite_params(params, "SVAEGuide.sample_posterior")
+        check_finite_params(params, "SVAEGuide.sample_posterior")
 
         def one(key):
             with handlers.trace() as tr, handlers.seed(rng_seed=key), \
@@ -1140,7 +1141,7 @@ class SVAEGuide:
         same non-finite values make the loss or update non-finite, and `natural_gradient`
         skips such steps (:func:`numpyro_svae.skipped_steps` counts them).
         """
-        _check_finite_params(params, "SVAEGuide.posterior")
+        check_finite_params(params, "SVAEGuide.posterior")
         rng_key = jax.random.key(0) if rng_key is None else rng_key
         with handlers.block(), handlers.seed(rng_seed=rng_key), \
                 handlers.substitute(data=params):
@@ -1178,7 +1179,7 @@ def _nonfinite_param_sites(params: dict) -> list[str]:
     return bad
 
 
-def _check_finite_params(params: dict, caller: str) -> None:
+def check_finite_params(params: dict, caller: str) -> None:
     """Refuse parameters holding NaN/inf, naming the sites (eager calls only).
 
     Called by the public entry points that take fitted parameters (`SVAEGuide.posterior`,

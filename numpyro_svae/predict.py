@@ -53,9 +53,9 @@ from numpyro_svae.guide import (
     DIAGNOSTICS_SITE,
     SVAEGuide,
     _accepts,
-    _check_finite_params,
     _iid_regime_log_lik,
     _is_concrete,
+    check_finite_params,
 )
 from numpyro_svae.meanfield.potentials import lds_to_hmm_log_potentials
 from numpyro_svae.messages.hmm import HMMPotentials, hmm_log_normalizer, hmm_sample
@@ -122,7 +122,7 @@ class IWBound(NamedTuple):
 
 def _clean_params(params, caller: str | None = None) -> dict:
     """`params` as a plain dict (an ``SVIRunResult`` accepted); with `caller`, refused when a
-    concrete parameter holds NaN/inf (`guide._check_finite_params`)."""
+    concrete parameter holds NaN/inf (`guide.check_finite_params`)."""
     if hasattr(params, "params") and not isinstance(params, dict):  # SVIRunResult
         params = params.params
     if not isinstance(params, dict):
@@ -130,7 +130,7 @@ def _clean_params(params, caller: str | None = None) -> dict:
     params = dict(params)
     params.pop(DIAGNOSTICS_SITE, None)
     if caller is not None:
-        _check_finite_params(params, caller)
+        check_finite_params(params, caller)
     return params
 
 

@@ -18,7 +18,7 @@ from numpyro import handlers
 import numpyro_svae.guide as guide_module
 from numpyro_svae import models
 from numpyro_svae.diagnostics import _regime_color, plot_reconstruction, plot_regimes
-from numpyro_svae.guide import SVAEGuide, _check_finite_params
+from numpyro_svae.guide import SVAEGuide, check_finite_params
 from numpyro_svae.metrics import gaussian_masked_loglik, masked_rmse
 from numpyro_svae.nn import GaussianPotentialEncoder
 from numpyro_svae.predict import forecast, importance_weighted_bound, impute
@@ -78,11 +78,11 @@ def test_params_check_is_silent_on_traced_values_and_absent_from_training(tiny, 
     params = tiny["params"]
     bad = dict(params, **{"qtheta$P.u": params["qtheta$P.u"] * jnp.nan})
     # under the caller's jit nothing is concrete: nothing can be (or is) raised
-    out = jax.jit(lambda p: (_check_finite_params(p, "f"), p["qtheta$P.u"])[1])(bad)
+    out = jax.jit(lambda p: (check_finite_params(p, "f"), p["qtheta$P.u"])[1])(bad)
     assert not np.all(np.isfinite(np.asarray(out)))
     # SVI's traced guide calls do not run the check at all
     calls = []
-    monkeypatch.setattr(guide_module, "_check_finite_params",
+    monkeypatch.setattr(guide_module, "check_finite_params",
                         lambda p, c: calls.append(c))
     guide, x = tiny["guide"], tiny["x"]
 
